@@ -1,0 +1,218 @@
+"""The run configuration: one tree of frozen dataclasses, the single source of defaults.
+
+Precedence: command-line flags > YAML file > the dataclass defaults below. Unknown keys and
+wrong types are `UserError`s naming the key (and the file). The resolved tree is written to the
+run directory as config.yaml, and `--resume` reads it back.
+
+    cfg = load_config("run.yaml", overrides={"objective.lam": 0.6, "train.steps": 200})
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from aropd_mlx.errors import UserError
+from aropd_mlx.models import ModelSettings
+from aropd_mlx.objective import ObjectiveSettings
+from aropd_mlx.rollout import RolloutSettings
+from aropd_mlx.views import ViewSettings
+
+METHODS = ("sft", "opd", "partial-opd", "full-opd", "ar-opd")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str = "lab"  # a JSONL path, hf://datasets/OWNER/NAME/file.jsonl, or "lab"
+    eval: str | None = None  # held-out JSONL; None: `eval_fraction` of train (or the lab's set)
+    eval_fraction: float = 0.0
+    max_prompt_tokens: int = 2048  # longer prompts are skipped and counted (see README)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_tokens < 1:
+            raise UserError("data.max_prompt_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    method: str = "ar-opd"
+    steps: int = 100
+    batch_size: int = 8  # prompts per step (each gets rollout.group_size responses)
+    micro_batch_size: int = 0  # rows per forward/backward; 0: the whole step at once
+    learning_rate: float = 1e-4
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0: off
+    lam_schedule: str = "constant"  # constant | linear-warmup | cosine (lambda over training)
+    lam_warmup_steps: int = 0
+    sft_view_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)  # SFT prompts: student/partial/full
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5  # stop after this many skipped (NaN/inf) updates in a row
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"train.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise UserError(f"train.learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise UserError(f"train.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.lam_schedule not in ("constant", "linear-warmup", "cosine"):
+            raise UserError(f"train.lam_schedule must be constant, linear-warmup or cosine")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.micro_batch_size < 0:
+            raise UserError("train.grad_clip, weight_decay and micro_batch_size must be >= 0")
+        if len(self.sft_view_mix) != 3 or min(self.sft_view_mix) < 0 or sum(self.sft_view_mix) <= 0:
+            raise UserError("train.sft_view_mix must be three non-negative weights, not all zero")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    views: ViewSettings = field(default_factory=ViewSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    out: str = "runs/latest"
+
+    def validate(self) -> "RunConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                value.validate()
+        return self
+
+
+def _check_type(value, annotation, key: str):
+    """Coerce YAML/flag values to the field's type, or a UserError naming the key."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key)
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        item = (typing.get_args(hint) or (str,))[0]
+        return tuple(_check_type(v, item, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise UserError(f"unknown key {dotted!r} (known: {', '.join(known)})")
+        hint = hints[key]
+        if is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, dotted + ".")
+        else:
+            kwargs[key] = _check_type(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return {f.name: (to_dict(v) if is_dataclass(v := getattr(cfg, f.name))
+                     else list(v) if isinstance(v, tuple) else v) for f in fields(cfg)}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Apply dotted overrides ({"objective.lam": 0.6}) to a nested dict."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"cannot set {dotted}: {p} is not a section")
+        node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Defaults <- `base` (e.g. a preset) <- the YAML file <- flag overrides; validated."""
+    data = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping at the top level")
+        try:
+            data = merge(data, _flatten(loaded))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    data = merge(data, overrides or {})
+    try:
+        return _build(RunConfig, data, "").validate()
+    except UserError as e:
+        raise UserError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def with_overrides(cfg: RunConfig, **sections) -> RunConfig:
+    """Replace fields of sections: with_overrides(cfg, train={"steps": 5})."""
+    return replace(cfg, **{name: replace(getattr(cfg, name), **values)
+                           for name, values in sections.items()})

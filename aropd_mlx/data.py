@@ -1,0 +1,146 @@
+"""Examples: the schema, loading (local JSONL or a Hub dataset file), validation, splits.
+
+One example per JSONL line:
+    {"id": "...", "question": "...", "solution": "<oracle reasoning>", "answer": "<final answer>"}
+`id` is optional. Aliases accepted: problem/prompt -> question, reasoning/rationale -> solution,
+final_answer -> answer. Anything wrong is a `UserError` naming the file, the line and the field.
+
+    examples = load_examples("data/train.jsonl", need=("question", "solution", "answer"))
+    examples = load_examples("hf://datasets/OWNER/NAME/path/train.jsonl")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from aropd_mlx.errors import UserError
+
+FIELDS = ("question", "solution", "answer")
+ALIASES = {
+    "problem": "question",
+    "prompt": "question",
+    "reasoning": "solution",
+    "rationale": "solution",
+    "final_answer": "answer",
+}
+MAX_LINE_BYTES = 1 << 22  # 4 MiB: a line past this is a broken file, not an example
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    solution: str | None = None
+    answer: str | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "question": self.question, "solution": self.solution,
+                "answer": self.answer}
+
+
+def resolve_path(spec: str) -> Path:
+    """A local path, or `hf://datasets/OWNER/NAME/path/in/repo.jsonl` fetched via huggingface_hub."""
+    if not spec.startswith("hf://"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file not found: {spec}")
+        return path
+    parts = spec[len("hf://"):].split("/")
+    if len(parts) < 4 or parts[0] != "datasets":
+        raise UserError(f"a Hub data path looks like hf://datasets/OWNER/NAME/file.jsonl, got {spec}")
+    repo_id, filename = "/".join(parts[1:3]), "/".join(parts[3:])
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+    except Exception as e:  # offline, missing repo or file: one line, the reason included
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot fetch {filename} from Hub dataset {repo_id}: {reason}") from None
+
+
+def _parse_line(raw: bytes, where: str, need: tuple[str, ...], index: int) -> Example:
+    if len(raw) > MAX_LINE_BYTES:
+        raise UserError(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}", where=where)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 (byte {e.start})", where=where) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"malformed JSON ({e.msg}, column {e.colno})", where=where) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"expected a JSON object, got {type(obj).__name__}", where=where)
+    fields: dict[str, str] = {}
+    for key, value in obj.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            continue
+        if name in fields:
+            raise UserError(f"field {name!r} given twice (as {key!r})", where=where)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"field {key!r} must be a string, got {type(value).__name__}", where=where)
+        fields[name] = str(value)
+    for name in need:
+        if name not in fields:
+            raise UserError(f"missing field {name!r}", where=where)
+        if not fields[name].strip():
+            raise UserError(f"field {name!r} is empty", where=where)
+    ex_id = obj.get("id", index)
+    return Example(id=str(ex_id), **fields)
+
+
+def load_examples(spec: str, need: tuple[str, ...] = ("question",)) -> list[Example]:
+    """Read every example of a JSONL file; `need` lists the fields that must be non-empty."""
+    path = resolve_path(spec)
+    examples: list[Example] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            examples.append(_parse_line(raw.rstrip(b"\r\n"), f"{spec}:{lineno}", need, len(examples)))
+    if not examples:
+        raise UserError(f"{spec}: no examples (the file is empty)")
+    return examples
+
+
+def write_examples(path: str | os.PathLike, examples: list[Example] | list[dict]) -> None:
+    """Write examples as JSONL atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json() if isinstance(ex, Example) else ex) + "\n")
+    os.replace(tmp, path)
+
+
+def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then the last `eval_fraction` for evaluation."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(examples) * eval_fraction))
+    train = [examples[i] for i in order[: len(order) - n_eval]]
+    return train, [examples[i] for i in order[len(order) - n_eval:]]
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order examples are drawn in one epoch: a pure function of (seed, epoch) for resume."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def batch_at(examples: list, batch_size: int, position: int, seed: int) -> list:
+    """The batch starting at global draw `position` (examples drawn without replacement per epoch)."""
+    n = len(examples)
+    out = []
+    for p in range(position, position + batch_size):
+        epoch, i = divmod(p, n)
+        out.append(examples[epoch_order(n, seed, epoch)[i]])
+    return out

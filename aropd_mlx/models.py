@@ -1,0 +1,230 @@
+"""Models: load through mlx-lm, attach LoRA/DoRA, teacher modes, adapters in mlx-lm's format.
+
+The teacher is a *parameter snapshot* of the trainable weights, swapped in for scoring:
+- frozen: the adapters with the LoRA delta off (lora_b = 0, DoRA magnitudes at their start)
+  -> exactly the base model, no second copy of the base weights in memory;
+- ema: an exponential moving average of the adapters (the paper: mix-up 0.01 every step);
+- a path: a separate model whose tokenizer and vocabulary must match the student's.
+
+    model, tokenizer = load_student(ModelSettings(path="Qwen/Qwen2.5-0.5B-Instruct"))
+    teacher = Teacher.create(model, tokenizer, ModelSettings(...))
+    with teacher.active(model) as scorer: hidden = scorer.model(ids)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from aropd_mlx.errors import UserError
+from aropd_mlx.fused import OutputHead
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = "lab"  # a Hub id, a local path, or "lab" for the built-in lab model
+    fine_tune_type: str = "lora"  # lora | dora | full
+    lora_rank: int = 8
+    lora_scale: float = 20.0
+    lora_dropout: float = 0.0
+    lora_layers: int = -1  # how many of the last layers get adapters (-1: all)
+    lora_keys: tuple[str, ...] | None = None  # None: mlx-lm's default (attention projections)
+    teacher: str = "frozen"  # frozen | ema | PATH
+    ema_mixup: float = 0.01
+    trust_remote_code: bool = False
+    adapter: str | None = None  # start from these adapters (a run directory or adapter dir)
+
+    def validate(self) -> None:
+        if self.fine_tune_type not in ("lora", "dora", "full"):
+            raise UserError(f"model.fine_tune_type must be lora, dora or full, got {self.fine_tune_type!r}")
+        if self.lora_rank < 1:
+            raise UserError(f"model.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 < self.ema_mixup <= 1.0:
+            raise UserError(f"model.ema_mixup must be in (0, 1], got {self.ema_mixup}")
+
+    def lora_parameters(self) -> dict:
+        params = {"rank": self.lora_rank, "scale": self.lora_scale, "dropout": self.lora_dropout}
+        if self.lora_keys:
+            params["keys"] = list(self.lora_keys)
+        return params
+
+
+def load_base(path: str, trust_remote_code: bool = False):
+    """mlx_lm.load with one-line errors: a missing path, an unreachable Hub id, remote code."""
+    from mlx_lm import load
+
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(f"model path {path}: no config.json there (not a model directory)")
+    try:
+        return load(str(local) if looks_local else path,
+                    tokenizer_config={"trust_remote_code": trust_remote_code})
+    except UserError:
+        raise
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in text:
+            raise UserError(f"model {path} needs custom code from its repository; pass "
+                            "--trust-remote-code if you trust it") from None
+        raise UserError(f"cannot load model {path}: {text}") from None
+
+
+def attach_adapters(model: nn.Module, settings: ModelSettings) -> None:
+    """Freeze the base and add trainable LoRA/DoRA layers (or unfreeze all for full)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    if settings.fine_tune_type == "full":
+        model.unfreeze()
+        return
+    n_layers = len(model.layers) if settings.lora_layers < 0 else settings.lora_layers
+    linear_to_lora_layers(model, n_layers, settings.lora_parameters(),
+                          use_dora=settings.fine_tune_type == "dora")
+
+
+def load_student(settings: ModelSettings, path: str | None = None):
+    model, tokenizer = load_base(path or settings.path, settings.trust_remote_code)
+    attach_adapters(model, settings)
+    if settings.adapter:
+        load_adapter_weights(model, settings.adapter)
+    return model, tokenizer
+
+
+def trainable(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def head_from_model(model: nn.Module) -> OutputHead:
+    """The frozen output projection (lm_head, or the tied embedding), plain or quantized."""
+    inner = model.model
+    layer = getattr(model, "lm_head", None)
+    if layer is None:
+        layer = inner.embed_tokens
+    if "scales" in layer:
+        return OutputHead(weight=layer.weight, scales=layer.scales, biases=layer.get("biases"),
+                          group_size=layer.group_size, bits=layer.bits,
+                          mode=getattr(layer, "mode", "affine"))
+    return OutputHead(weight=layer.weight)
+
+
+def hidden_states(model: nn.Module, inputs: mx.array) -> mx.array:
+    """Final normed hidden states (B, L, H): everything the model does before its output head."""
+    return model.model(inputs)
+
+
+def check_supported(model: nn.Module, tokenizer) -> None:
+    """The fused loss needs logits = head(hidden): verify it on a few tokens, once."""
+    if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
+        raise UserError(f"unsupported architecture {type(model).__module__}: no model.embed_tokens")
+    ids = mx.array([[tokenizer.eos_token_id or 0] * 3])
+    direct = model(ids)
+    via_head = head_from_model(model)(hidden_states(model, ids))
+    if direct.shape != via_head.shape or not mx.allclose(direct, via_head, atol=1e-3, rtol=1e-3):
+        raise UserError(f"unsupported architecture {type(model).__module__}: logits are not a "
+                        "plain projection of the final hidden states (softcapping or scaling)")
+
+
+@dataclass
+class Teacher:
+    """How the self-teacher scores: a parameter snapshot swapped into the student, or a model."""
+
+    mode: str
+    params: dict[str, mx.array] = field(default_factory=dict)
+    model: nn.Module | None = None
+    mixup: float = 0.01
+
+    @classmethod
+    def create(cls, model, tokenizer, settings: ModelSettings) -> "Teacher":
+        if settings.teacher == "frozen":
+            snap = {k: (mx.zeros_like(v) if k.endswith("lora_b") else mx.array(v))
+                    for k, v in trainable(model).items()}
+            if settings.fine_tune_type == "dora" and settings.adapter:
+                raise UserError("teacher: frozen with DoRA needs fresh adapters (no model.adapter)")
+            return cls("frozen", snap)
+        if settings.teacher == "ema":
+            return cls("ema", {k: mx.array(v) for k, v in trainable(model).items()},
+                       mixup=settings.ema_mixup)
+        other, other_tok = load_base(settings.teacher, settings.trust_remote_code)
+        check_same_vocabulary(tokenizer, other_tok, model, other, settings.teacher)
+        other.freeze()
+        return cls("model", model=other)
+
+    @contextmanager
+    def active(self, student: nn.Module):
+        """Yields the module to score with; the student's own weights are restored after."""
+        if self.model is not None:
+            yield self.model
+            return
+        saved = trainable(student)
+        student.update(tree_unflatten(list(self.params.items())))
+        try:
+            yield student
+        finally:
+            student.update(tree_unflatten(list(saved.items())))
+
+    def after_update(self, student: nn.Module) -> None:
+        """EMA: teacher <- (1 - mixup) teacher + mixup student, after every optimizer step."""
+        if self.mode != "ema":
+            return
+        current = trainable(student)
+        m = self.mixup
+        self.params = {k: (1 - m) * v + m * current[k] for k, v in self.params.items()}
+        mx.eval(self.params)
+
+
+def check_same_vocabulary(tok_a, tok_b, model_a, model_b, where: str) -> None:
+    va, vb = len(tok_a.get_vocab()), len(tok_b.get_vocab())
+    ha, hb = head_from_model(model_a), head_from_model(model_b)
+    if va != vb or tok_a.get_vocab() != tok_b.get_vocab():
+        raise UserError(f"teacher {where}: its tokenizer differs from the student's "
+                        f"({vb} vs {va} entries); a separate teacher must share the vocabulary")
+    if ha.weight.shape[0] != hb.weight.shape[0]:
+        raise UserError(f"teacher {where}: output vocabulary {hb.weight.shape[0]} "
+                        f"differs from the student's {ha.weight.shape[0]}")
+
+
+def adapter_config(settings: ModelSettings, model: nn.Module) -> dict:
+    n_layers = len(model.layers) if settings.lora_layers < 0 else settings.lora_layers
+    return {"fine_tune_type": settings.fine_tune_type, "num_layers": n_layers,
+            "lora_parameters": settings.lora_parameters(), "base_model": settings.path}
+
+
+def save_adapters(directory: str | Path, model: nn.Module, settings: ModelSettings) -> None:
+    """adapters.safetensors + adapter_config.json, loadable by mlx_lm (`--adapter-path`).
+
+    Written to temporary names and renamed, so a crash never leaves a half-written adapter."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "adapters.safetensors"
+    tmp = directory / "adapters.tmp.safetensors"
+    mx.save_safetensors(str(tmp), trainable(model))
+    cfg_tmp = directory / "adapter_config.json.tmp"
+    cfg_tmp.write_text(json.dumps(adapter_config(settings, model), indent=2))
+    os.replace(tmp, weights)
+    os.replace(cfg_tmp, directory / "adapter_config.json")
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    path = Path(directory) / "adapters.safetensors"
+    if not path.is_file():
+        raise UserError(f"adapter {directory}: no adapters.safetensors there")
+    weights = mx.load(str(path))
+    expected = trainable(model)
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise UserError(f"adapter {directory}: {unknown[0]} is not a trainable parameter of this "
+                        "model (different rank, layers or base?)")
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"adapter {directory}: {k} has shape {v.shape}, expected {expected[k].shape}")
+    model.update(tree_unflatten(list(weights.items())))

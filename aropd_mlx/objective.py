@@ -1,0 +1,301 @@
+"""The AR-OPD objective as pure functions over mx.arrays (METHOD.md, "The anchored residual
+target" and "The distillation loss").
+
+Everything here works on materialized logits `(..., V)`; `naive_loss` is the plain reference
+on `(B, T, V)` tensors. The memory-bounded twin that never holds more than one chunk of rows
+over the vocabulary is `aropd_mlx.fused.fused_loss`; it reuses `token_losses` and
+`token_diagnostics` from this file on `(C, V)` chunks so the two cannot drift apart.
+
+Shapes: B sequences, T response positions (responses start at position 0), V vocabulary.
+All math runs in float32 (bf16/fp16 inputs are upcast), whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from aropd_mlx.errors import UserError
+
+LOSS_TYPES = ("full_vocab", "sampled_kl", "advantage", "nll")
+REDUCTIONS = ("sequence", "token")
+TOPK_OVERLAP = 16
+# log-probs are floored here before the residual F - P so that entries that are -inf in both
+# views give r = 0 instead of NaN; e^(-1e30) is exactly 0, so nothing else changes.
+_LOGPROB_FLOOR = -1e30
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The single source of the objective's defaults (config.py reuses it)."""
+
+    lam: float = 0.8
+    clip: float | None = 5.0  # None = no clip
+    alpha: float = 0.0  # 0 forward KL(T||S) (paper), 1 reverse KL(S||T), between: JSD
+    loss_type: str = "full_vocab"  # full_vocab | sampled_kl | advantage | nll
+    student_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    skip_first_tokens: int = 3
+    reduction: str = "sequence"  # sequence | token
+    chunk_size: int = 128  # rows (tokens) per chunk in the fused loss
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first out-of-range field."""
+        checks = [
+            ("lam", self.lam >= 0 and math.isfinite(self.lam), "a finite number >= 0"),
+            ("clip", self.clip is None or (self.clip > 0 and not math.isnan(self.clip)),
+             "> 0 or null (no clip)"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "between 0 and 1"),
+            ("loss_type", self.loss_type in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
+            ("student_temperature", self.student_temperature > 0, "> 0"),
+            ("teacher_temperature", self.teacher_temperature > 0, "> 0"),
+            ("skip_first_tokens", _is_int(self.skip_first_tokens) and self.skip_first_tokens >= 0,
+             "an integer >= 0"),
+            ("reduction", self.reduction in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}"),
+            ("chunk_size", _is_int(self.chunk_size) and self.chunk_size >= 1, "an integer >= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise UserError(f"objective.{name} must be {want}, got {getattr(self, name)!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class LossOutput:
+    loss: mx.array  # () scalar
+    weight: mx.array  # () sequences (or tokens) behind `loss`; combine as sum(l*w)/sum(w)
+    per_token: mx.array  # (B, T), zero where masked (after skip_first_tokens)
+    diagnostics: dict[str, mx.array] = field(default_factory=dict)  # each (B, T), no grad
+
+
+# ----------------------------------------------------------------------------- basic pieces
+
+def _f32(x: mx.array) -> mx.array:
+    return x if x.dtype in (mx.float32, mx.float64) else x.astype(mx.float32)
+
+
+def log_softmax(logits: mx.array, temperature: float = 1.0) -> mx.array:
+    """log_softmax over the last axis, in float32, after dividing by `temperature`."""
+    x = _f32(logits)
+    if temperature != 1.0:
+        x = x / temperature
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def _masked_sum(p: mx.array, value: mx.array) -> mx.array:
+    """sum_v p * value, where entries with p == 0 contribute exactly 0 (also in the gradient,
+    even where value is +-inf: the inner where keeps inf out of the product)."""
+    live = p > 0
+    return mx.where(live, p * mx.where(live, value, 0.0), 0.0).sum(axis=-1)
+
+
+def kl_divergence(p_logprobs: mx.array, q_logprobs: mx.array) -> mx.array:
+    """KL(p || q) = sum_v e^p (p - q) over the last axis; 0*log0 = 0."""
+    return _masked_sum(mx.exp(p_logprobs), p_logprobs - q_logprobs)
+
+
+def entropy(logprobs: mx.array) -> mx.array:
+    return -_masked_sum(mx.exp(logprobs), logprobs)
+
+
+def gather_last(x: mx.array, index: mx.array) -> mx.array:
+    """x[..., index] for integer index of shape x.shape[:-1]."""
+    return mx.take_along_axis(x, index[..., None].astype(mx.int32), axis=-1)[..., 0]
+
+
+# ----------------------------------------------------------------------------- the target
+
+def _anchored_from_logprobs(partial: mx.array, full: mx.array, lam: float,
+                            clip: float | None) -> mx.array:
+    p = mx.maximum(partial, _LOGPROB_FLOOR)
+    f = mx.maximum(full, _LOGPROB_FLOOR)
+    if clip is None:
+        # same as P + lam*(F - P), written so that lam = 1 returns F exactly even where P is
+        # floored (P + (F - P) would lose F to rounding next to 1e30).
+        mixed = (1.0 - lam) * p + lam * f
+    else:
+        mixed = p + lam * mx.clip(f - p, -clip, clip)
+    return log_softmax(mixed)
+
+
+def anchored_residual_target(partial_logits: mx.array, full_logits: mx.array,
+                             lam: float = 0.8, clip: float | None = 5.0) -> mx.array:
+    """T = log_softmax(P + lam * clip(F - P, -clip, clip)) over the last axis, where P and F
+    are the log_softmax of the partial view (the anchor) and of the full view."""
+    return _anchored_from_logprobs(log_softmax(partial_logits), log_softmax(full_logits),
+                                   lam, clip)
+
+
+def clip_rate(partial: mx.array, full: mx.array, clip: float | None) -> mx.array:
+    """Share of vocabulary entries where the clip on the residual F - P is active."""
+    if clip is None:
+        return mx.zeros(partial.shape[:-1], dtype=mx.float32)
+    r = mx.maximum(full, _LOGPROB_FLOOR) - mx.maximum(partial, _LOGPROB_FLOOR)
+    return (mx.abs(r) > clip).astype(mx.float32).mean(axis=-1)
+
+
+def teacher_views(teacher_logits, full_logits, settings):
+    """(P, F, T): the teacher view(s) as log-probs at the teacher temperature and the target.
+    Without a full view, F is None and T is P (single-view distillation)."""
+    if teacher_logits is None:
+        if full_logits is not None:
+            raise ValueError("full_logits needs teacher_logits (the anchor / partial view)")
+        return None, None, None
+    tau = settings.teacher_temperature
+    partial = log_softmax(teacher_logits, tau)
+    if full_logits is None:
+        return partial, None, partial
+    full = log_softmax(full_logits, tau)
+    return partial, full, _anchored_from_logprobs(partial, full, settings.lam, settings.clip)
+
+
+def target_logprobs(teacher_logits: mx.array, full_logits: mx.array | None = None, *,
+                    settings: ObjectiveSettings) -> mx.array:
+    """The distillation target T (no gradient): log_softmax(teacher/tau) without a full view,
+    else the anchored residual target with the teacher (partial view) as the anchor."""
+    return mx.stop_gradient(teacher_views(teacher_logits, full_logits, settings)[2])
+
+
+# ----------------------------------------------------------------------------- divergence
+
+def generalized_jsd(student_logits: mx.array, target_logprobs: mx.array,
+                    alpha: float) -> mx.array:
+    """Generalized JSD per position over the last axis (shape = input shape[:-1]).
+
+    alpha = 0: KL(T||S); alpha = 1: KL(S||T); else alpha*KL(T||M) + (1-alpha)*KL(S||M) with
+    M = log(alpha e^T + (1-alpha) e^S). Note the endpoints are not the limits of the mixture:
+    as alpha -> 0 the JSD tends to 0 like alpha*KL(T||S) (see METHOD.md, TRL's convention).
+    """
+    s = log_softmax(student_logits)
+    t = _f32(target_logprobs)
+    d = t - s  # (..., V) log-ratio T - S
+    if alpha == 0.0:
+        return _masked_sum(mx.exp(t), d)
+    if alpha == 1.0:
+        return _masked_sum(mx.exp(s), -d)
+    log_a, log_b = math.log(alpha), math.log1p(-alpha)
+    p_t, p_s = mx.exp(t), mx.exp(s)
+    # M - T and M - S computed from d directly (not as M minus a large log-prob), which keeps
+    # the tiny differences accurate when alpha is close to 0 or 1.
+    d_t = mx.where(p_t > 0, d, 0.0)
+    d_s = mx.where(p_s > 0, d, 0.0)
+    m_minus_t = mx.logaddexp(mx.array(log_a, mx.float32), log_b - d_t)
+    m_minus_s = mx.logaddexp(log_a + d_s, mx.array(log_b, mx.float32))
+    kl_t_m = -_masked_sum(p_t, m_minus_t)
+    kl_s_m = -_masked_sum(p_s, m_minus_s)
+    return alpha * kl_t_m + (1.0 - alpha) * kl_s_m
+
+
+# ----------------------------------------------------------------------------- per token
+
+def token_losses(student_logits: mx.array, tokens: mx.array, target: mx.array | None,
+                 settings: ObjectiveSettings) -> mx.array:
+    """Per-position loss (shape = student_logits.shape[:-1]) for settings.loss_type.
+    `target` is T (log-probs, no gradient); None only for "nll"."""
+    kind = settings.loss_type
+    if kind != "nll" and target is None:
+        raise ValueError(f"loss_type {kind!r} needs a teacher view")
+    z = _f32(student_logits)
+    if settings.student_temperature != 1.0:
+        z = z / settings.student_temperature
+    if kind == "full_vocab":
+        return generalized_jsd(z, mx.stop_gradient(target), settings.alpha)
+    s_y = gather_last(log_softmax(z), tokens)
+    if kind == "nll":
+        return -s_y
+    d = mx.stop_gradient(gather_last(target, tokens)) - s_y
+    if kind == "sampled_kl":
+        return mx.exp(d) - d - 1.0
+    return -mx.stop_gradient(d) * s_y  # "advantage"
+
+
+def _top_k_overlap(a: mx.array, b: mx.array, k: int) -> mx.array:
+    v = a.shape[-1]
+    k = min(k, v)
+    top_a = mx.argpartition(a, kth=v - k, axis=-1)[..., v - k:]
+    top_b = mx.argpartition(b, kth=v - k, axis=-1)[..., v - k:]
+    hits = (top_a[..., :, None] == top_b[..., None, :]).astype(mx.float32)
+    return hits.sum(axis=(-2, -1)) / k
+
+
+def token_diagnostics(student_logits, tokens, partial, full, target,
+                      settings: ObjectiveSettings) -> dict[str, mx.array]:
+    """Per-position diagnostics (METHOD.md "Diagnostics"), at the loss's temperatures.
+    partial/full/target are teacher log-probs from `teacher_views` (None when absent)."""
+    s = mx.stop_gradient(log_softmax(student_logits, settings.student_temperature))
+    out = {"entropy_student": entropy(s), "student_logprob": gather_last(s, tokens)}
+    if full is not None:
+        out["kl_full_partial"] = kl_divergence(full, partial)
+        out["kl_student_partial"] = kl_divergence(s, partial)
+        out["kl_student_full"] = kl_divergence(s, full)
+        out["clip_rate"] = clip_rate(partial, full, settings.clip)
+    if target is not None:
+        out["kl_student_target"] = kl_divergence(s, target)
+        out["top16_overlap"] = _top_k_overlap(s, target, TOPK_OVERLAP)
+        out["entropy_target"] = entropy(target)
+        out["target_logprob"] = gather_last(target, tokens)
+    return out
+
+
+# ----------------------------------------------------------------------------- masks
+
+def response_mask(mask: mx.array, skip_first_tokens: int) -> mx.array:
+    """(B, T) bool: `mask` with the first `skip_first_tokens` valid positions of each row off."""
+    valid = mask.astype(mx.bool_)
+    if skip_first_tokens <= 0:
+        return valid
+    seen = mx.cumsum(valid.astype(mx.int32), axis=-1)
+    return valid & (seen > skip_first_tokens)
+
+
+def reduce_per_token(per_token: mx.array, mask: mx.array,
+                     reduction: str = "sequence") -> tuple[mx.array, mx.array]:
+    """(loss, weight) from (B, T) per-token values. "sequence": mean over each row's valid
+    tokens, then over rows that have any; weight = that row count. "token": mean over all
+    valid tokens; weight = their count. Empty input gives loss 0, weight 0."""
+    valid = mask.astype(mx.bool_)
+    values = mx.where(valid, _f32(per_token), 0.0)
+    count = valid.astype(mx.float32).sum(axis=-1)  # (B,)
+    if reduction == "token":
+        weight = count.sum()
+        return values.sum() / mx.maximum(weight, 1.0), weight
+    if reduction != "sequence":
+        raise ValueError(f"unknown reduction {reduction!r}")
+    per_seq = values.sum(axis=-1) / mx.maximum(count, 1.0)
+    weight = (count > 0).astype(mx.float32).sum()
+    return per_seq.sum() / mx.maximum(weight, 1.0), weight
+
+
+def finish(per_token: mx.array, diagnostics: dict[str, mx.array], mask: mx.array,
+           settings: ObjectiveSettings) -> LossOutput:
+    """Mask per-token values and diagnostics, reduce, and pack a LossOutput.
+    Diagnostics are kept at every valid position (skip_first_tokens applies to the loss only)
+    and zeroed elsewhere."""
+    keep = response_mask(mask, settings.skip_first_tokens)
+    per_token = mx.where(keep, per_token, 0.0)
+    loss, weight = reduce_per_token(per_token, keep, settings.reduction)
+    valid = mask.astype(mx.bool_)
+    diags = {k: mx.stop_gradient(mx.where(valid, v, 0.0)) for k, v in diagnostics.items()}
+    return LossOutput(loss=loss, weight=weight, per_token=per_token, diagnostics=diags)
+
+
+def naive_loss(student_logits: mx.array, tokens: mx.array, mask: mx.array,
+               teacher_logits: mx.array | None = None, full_logits: mx.array | None = None,
+               *, settings: ObjectiveSettings | None = None) -> LossOutput:
+    """The plain reference on materialized logits (B, T, V); logits at position t predict
+    tokens[:, t]. teacher_logits = the anchor (partial view) or the only teacher view;
+    full_logits = the full view (AR-OPD). Memory grows with B*T*V: use fused_loss to train."""
+    settings = settings or ObjectiveSettings()
+    settings.validate()
+    partial, full, target = teacher_views(teacher_logits, full_logits, settings)
+    if target is not None:
+        partial, full, target = (None if x is None else mx.stop_gradient(x)
+                                 for x in (partial, full, target))
+    per_token = token_losses(student_logits, tokens, target, settings)
+    diags = token_diagnostics(student_logits, tokens, partial, full, target, settings)
+    return finish(per_token, diags, mask, settings)

@@ -1,0 +1,384 @@
+"""Platform helpers: a fast BLAS for MLX's Linux CPU backend, and `doctor` facts.
+
+The Linux ``mlx-cpu`` wheel calls a reference (netlib) ``cblas_sgemm`` that is ~20-30x
+slower than OpenBLAS or MKL.  Putting a fast BLAS in front with ``LD_PRELOAD`` fixes that,
+but it must be set before the process starts, so :func:`ensure_fast_blas` re-executes the
+current command once with ``LD_PRELOAD`` set.  On macOS (Metal / Accelerate) nothing here
+does anything.
+
+Environment variables:
+  AROPD_MLX_NO_BLAS_FIX=1   never preload a BLAS (opt-out)
+  AROPD_MLX_QUIET=1         no info line (warnings are still printed)
+  AROPD_MLX_BLAS_FIX        internal marker: set once the fix was decided (no loops, no
+                            repeated messages in re-executed or child processes)
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform as _platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+OPT_OUT_ENV = "AROPD_MLX_NO_BLAS_FIX"
+QUIET_ENV = "AROPD_MLX_QUIET"
+MARKER_ENV = "AROPD_MLX_BLAS_FIX"
+
+APT_HINT = "sudo apt-get install libopenblas0-pthread"
+PIP_HINT = "pip install mkl"
+
+_FAST_MARKS = ("openblas", "mkl_rt", "libmkl")
+# numpy / scipy bundle OpenBLAS with renamed symbols: mapped, but never used by MLX.
+_NOT_INTERPOSING = ("numpy.libs", "scipy.libs", "scipy_openblas", "openblas64_")
+
+
+def _is_linux() -> bool:
+    return sys.platform.startswith("linux")
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _multiarch_dirs() -> list[str]:
+    machine = _platform.machine().lower()
+    triplet = {
+        "x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
+        "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu",
+        "ppc64le": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
+    }.get(machine, f"{machine}-linux-gnu")
+    return [f"/usr/lib/{triplet}", f"/lib/{triplet}", "/usr/lib64", "/usr/lib"]
+
+
+def blas_name(path: str) -> str:
+    """A readable name for a BLAS library path."""
+    low = os.path.basename(path).lower()
+    if "openblas" in low:
+        return "OpenBLAS"
+    if "mkl" in low:
+        return "MKL"
+    if "accelerate" in path.lower():
+        return "Accelerate"
+    if "blas" in low:
+        return "reference BLAS (netlib)"
+    return os.path.basename(path)
+
+
+def find_fast_blas() -> str | None:
+    """Path of a fast BLAS present on this Linux machine, or None (always None on macOS).
+
+    Preference: Debian/Ubuntu OpenBLAS (pthread, then OpenMP, then the plain
+    ``libopenblas.so.0``) in the usual lib dirs, then PyPI's MKL
+    (``<sys.prefix>/lib/libmkl_rt.so.*``).
+    """
+    if not _is_linux():
+        return None
+    dirs = _multiarch_dirs()
+    for sub in ("openblas-pthread/", "openblas-openmp/", ""):
+        for d in dirs:
+            path = os.path.join(d, sub + "libopenblas.so.0")
+            if os.path.isfile(path):
+                return path
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        hits = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so.*")))
+        hits = [h for h in hits if os.path.isfile(h)]
+        if hits:
+            return hits[-1]
+    return None
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _global_cblas_provider() -> str | None:
+    """File that provides ``cblas_sgemm`` in the global symbol scope (LD_PRELOAD / the
+    executable's own dependencies). Such a definition wins over mlx-cpu's bundled one."""
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.cblas_sgemm
+    except (OSError, AttributeError):
+        return None
+    try:
+        dladdr = libc.dladdr
+    except AttributeError:
+        try:
+            dladdr = ctypes.CDLL("libdl.so.2").dladdr
+        except (OSError, AttributeError):
+            return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def _is_fast(path: str) -> bool:
+    low = path.lower()
+    return any(m in low for m in _FAST_MARKS) and not any(m in low for m in _NOT_INTERPOSING)
+
+
+def _active_fast_blas() -> str | None:
+    """The fast BLAS already serving ``cblas_sgemm`` in this process, if any."""
+    path = _global_cblas_provider()
+    return path if path and _is_fast(path) else None
+
+
+def _mapped_libs() -> list[str]:
+    try:
+        with open("/proc/self/maps") as fh:
+            rows = [line.split(None, 5) for line in fh]
+    except OSError:
+        return []
+    return list(dict.fromkeys(r[5].strip() for r in rows if len(r) == 6 and r[5].startswith("/")))
+
+
+def loaded_blas() -> str:
+    """Which BLAS this process's MLX actually uses: a readable name and path.
+
+    Imports ``mlx.core`` (so its BLAS is mapped), then reads /proc/self/maps. A fast BLAS
+    counts only if it serves ``cblas_sgemm`` globally (preloaded); otherwise the mapped
+    reference BLAS that mlx-cpu bundles is reported. "Accelerate" on macOS.
+    """
+    if sys.platform == "darwin":
+        return "Accelerate"
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        pass
+    fast = _active_fast_blas()
+    if fast:
+        return f"{blas_name(fast)} ({fast})"
+    libs = _mapped_libs()
+    for path in libs:
+        low = os.path.basename(path).lower()
+        if ("libblas" in low or "libcblas" in low) and not _is_fast(path):
+            where = "bundled with mlx-cpu" if "mlx_cpu" in path else "system"
+            return f"reference BLAS (netlib, {where}) ({path})"
+    for path in libs:
+        if "accelerate" in path.lower():
+            return f"Accelerate ({path})"
+    return "unknown (no BLAS mapped)"
+
+
+def _say(msg: str) -> None:
+    print(f"aropd-mlx: {msg}", file=sys.stderr, flush=True)
+
+
+def install_hint() -> str:
+    """The command that installs a fast BLAS here."""
+    debian = os.path.exists("/etc/debian_version")
+    if debian:
+        return f"{APT_HINT} (or: {PIP_HINT})"
+    return f"{PIP_HINT} (Debian/Ubuntu: {APT_HINT})"
+
+
+def _info_line(path: str) -> str:
+    return (f"using {blas_name(path)} ({path}) for MLX's CPU backend; "
+            f"set {OPT_OUT_ENV}=1 to disable")
+
+
+def _reexec_argv(argv: list[str] | None) -> list[str] | None:
+    """[sys.executable, ...] to re-run this command, or None when that is impossible."""
+    if not sys.executable:
+        return None
+    if argv is None:
+        orig = getattr(sys, "orig_argv", None)
+        if not orig or len(orig) < 2:
+            return None  # interactive interpreter
+        argv = list(orig[1:])
+        # A script read from stdin ("-") or an interactive session cannot run twice.
+        if not sys.argv or sys.argv[0] in ("", "-"):
+            return None
+    if not argv or argv[0] == "-":
+        return None
+    return [sys.executable, *argv]
+
+
+def ensure_fast_blas(argv: list[str] | None = None) -> None:
+    """Make MLX's Linux CPU backend use a fast BLAS; call first thing in a command.
+
+    argv: what follows the interpreter to run this command again, e.g.
+    ``["-m", "aropd_mlx.cli.main", "train", ...]``; default ``sys.orig_argv[1:]`` (covers
+    console scripts, ``python -m`` and ``python -c``).
+
+    On Linux, when no fast BLAS is active and :func:`find_fast_blas` finds one, says so
+    once on stderr and replaces this process (``os.execve``) with the same command and
+    ``LD_PRELOAD`` prepended. The marker env var stops any second re-exec and repeated
+    messages in re-executed or child processes. Warns once, with the install command,
+    when none is present. Does nothing on macOS, with AROPD_MLX_NO_BLAS_FIX=1, or under
+    pytest (an in-process CLI test must not replace the test runner).
+    """
+    if not _is_linux() or _truthy(OPT_OUT_ENV):
+        return
+    if os.environ.get(MARKER_ENV):
+        return  # already decided (and announced) in this process tree
+    quiet = _truthy(QUIET_ENV)
+    active = _active_fast_blas()
+    if active:
+        os.environ[MARKER_ENV] = "active:" + active
+        if not quiet:
+            _say(_info_line(active))
+        return
+    path = find_fast_blas()
+    if path is None:
+        os.environ[MARKER_ENV] = "missing"
+        _say("no fast BLAS found: MLX's CPU backend will use its slow reference BLAS "
+             f"(~20-30x slower matmuls). Install one: {install_hint()}")
+        return
+    if "_pytest" in sys.modules:
+        return
+    cmd = _reexec_argv(argv)
+    if cmd is None:
+        os.environ[MARKER_ENV] = "noreexec"
+        _say(f"cannot re-run this command to use {blas_name(path)}; start it with "
+             f"LD_PRELOAD={path}")
+        return
+    env = dict(os.environ)
+    old = env.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = path + (":" + old if old else "")
+    env[MARKER_ENV] = "active:" + path
+    if not quiet:
+        _say(_info_line(path))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        os.execve(sys.executable, cmd, env)
+    except OSError as exc:  # keep running, slowly
+        os.environ[MARKER_ENV] = "failed"
+        _say(f"re-exec with LD_PRELOAD={path} failed ({exc}); continuing without it")
+
+
+def blas_fix_status() -> str:
+    """One line: is the BLAS fix active, disabled, not needed or unavailable?"""
+    if not _is_linux():
+        return "not needed (macOS: Accelerate)" if sys.platform == "darwin" else "not needed"
+    if _truthy(OPT_OUT_ENV):
+        return f"disabled ({OPT_OUT_ENV}=1)"
+    active = _active_fast_blas()
+    if active:
+        return f"active ({blas_name(active)} via LD_PRELOAD)"
+    found = find_fast_blas()
+    if found is None:
+        return f"unavailable: no fast BLAS found; install: {install_hint()}"
+    return f"inactive ({found} present but not preloaded in this process)"
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Median measured float32 GEMM speed (GFLOP/s) of MLX's default device, n x n x n."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), dtype=mx.float32)
+    b = mx.random.normal((n, n), dtype=mx.float32)
+    mx.eval(a, b)
+    mx.eval(a @ b)  # warm-up
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def memory_total_bytes() -> int | None:
+    """Physical memory of this machine in bytes (no psutil)."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True,
+                                 text=True, timeout=5, check=True)
+            return int(out.stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def doctor_info(bench: bool = True) -> dict:
+    """Facts about this machine for ``aropd-mlx doctor`` (bench=False skips the GEMM)."""
+    info: dict = {
+        "python": f"{_platform.python_version()} ({sys.executable})",
+        "platform": f"{_platform.system()} {_platform.release()} {_platform.machine()}",
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "backend": None,
+        "device": None,
+        "memory_total_gb": None,
+        "blas": None,
+        "gemm_gflops": None,
+        "blas_fix": blas_fix_status(),
+        "torch": None,
+        "torch_cuda": None,
+        "transformers": _version("transformers"),
+    }
+    mem = memory_total_bytes()
+    info["memory_total_gb"] = round(mem / 2**30, 1) if mem else None
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            info["backend"] = "Metal"
+        elif hasattr(mx, "cuda") and mx.cuda.is_available():
+            info["backend"] = "CUDA"
+        else:
+            info["backend"] = "CPU"
+        device = str(mx.default_device())
+        try:
+            name = (mx.device_info() if hasattr(mx, "device_info")
+                    else mx.metal.device_info()).get("device_name")
+            device = f"{device} {name}" if name else device
+        except Exception:  # noqa: BLE001 - best effort only
+            pass
+        info["device"] = device
+        info["blas"] = loaded_blas()
+        if bench:
+            info["gemm_gflops"] = round(gemm_gflops(), 1)
+    except ImportError as exc:
+        info["backend"] = f"mlx not importable: {exc}"
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = bool(torch.cuda.is_available())
+    except Exception as exc:  # noqa: BLE001 - torch is optional
+        info["torch"] = f"not importable ({type(exc).__name__})"
+    return info
+
+
+_LABELS = {
+    "python": "Python", "platform": "Platform", "mlx": "mlx", "mlx_lm": "mlx-lm",
+    "backend": "Backend", "device": "Device", "memory_total_gb": "Memory (GB)",
+    "blas": "BLAS in use", "gemm_gflops": "GEMM f32 1024³ (GFLOP/s)",
+    "blas_fix": "BLAS fix", "torch": "torch", "torch_cuda": "torch CUDA",
+    "transformers": "transformers",
+}
+
+
+def format_doctor(info: dict) -> str:
+    """A readable two-column table of :func:`doctor_info`."""
+    rows = [(_LABELS.get(k, k), "-" if v is None else str(v)) for k, v in info.items()]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

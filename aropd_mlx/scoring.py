@@ -1,0 +1,57 @@
+"""Scoring: hidden states at the response positions, for any prompt view of the same responses.
+
+Sequences are `prompt + response`, right-padded. With a causal mask, right padding never
+changes earlier positions, so no attention mask is needed and every row keeps its natural
+positions. Row i's response token t is predicted at position len(prompt_i) - 1 + t; we gather
+the final hidden states there (B, T, H) and hand them to the fused objective, which projects
+them to the vocabulary a chunk at a time: no logits are made for prompt positions.
+
+Both teacher views are scored in one batched forward (2N rows), under no gradient.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from aropd_mlx.models import hidden_states
+
+
+def build_inputs(prompts: list[list[int]], tokens: np.ndarray, lengths: list[int],
+                 pad_id: int = 0) -> tuple[mx.array, mx.array]:
+    """Right-padded `prompt + response[:-1]` ids (N, L) and gather positions (N, T).
+
+    The last response token is never an input (nothing after it is predicted)."""
+    n, t = tokens.shape
+    width = max(len(p) for p in prompts) + t - 1
+    ids = np.full((n, max(width, 1)), pad_id, dtype=np.int32)
+    pos = np.zeros((n, t), dtype=np.int32)
+    for i, p in enumerate(prompts):
+        body = list(p) + list(tokens[i, : max(lengths[i] - 1, 0)])
+        ids[i, : len(body)] = body
+        pos[i] = np.minimum(len(p) - 1 + np.arange(t), width - 1)
+    return mx.array(ids), mx.array(pos)
+
+
+def response_hidden(model, prompts: list[list[int]], tokens: np.ndarray, lengths: list[int],
+                    pad_id: int = 0) -> mx.array:
+    """(N, T, H) final hidden states predicting each response token (differentiable)."""
+    ids, pos = build_inputs(prompts, tokens, lengths, pad_id)
+    h = hidden_states(model, ids)  # (N, L, H)
+    return mx.take_along_axis(h, pos[:, :, None], axis=1)
+
+
+def score_views(model, view_prompts: dict[str, list[list[int]]], tokens: np.ndarray,
+                lengths: list[int], pad_id: int = 0) -> dict[str, mx.array]:
+    """Teacher hidden states for several views of the same responses, in one forward.
+
+    `view_prompts[name][i]` is row i's prompt under that view. Returns {name: (N, T, H)},
+    evaluated and detached from any graph."""
+    names = list(view_prompts)
+    n = tokens.shape[0]
+    prompts = [p for name in names for p in view_prompts[name]]
+    stacked = np.concatenate([tokens] * len(names), axis=0)
+    h = mx.stop_gradient(response_hidden(model, prompts, stacked, lengths * len(names), pad_id))
+    out = {name: h[i * n:(i + 1) * n] for i, name in enumerate(names)}
+    mx.eval(out)
+    return out

@@ -1,0 +1,327 @@
+"""The training loop: one step for every method, checkpoints, exact resume, metrics.
+
+One step (DESIGN.md): draw prompts -> the student samples G responses each (SFT: the oracle
+trace instead) -> the teacher scores them under the method's views (no grad) -> the student
+is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> AdamW.
+
+    run_dir = train(cfg, model, tokenizer, examples)          # writes metrics, adapters, summary
+
+Every random draw of step s comes from seeds derived from (train.seed, s), and every piece of
+state lives in the checkpoint, so a resumed run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from aropd_mlx import checkpoint as ckpt
+from aropd_mlx.config import RunConfig, save_config, to_dict
+from aropd_mlx.data import Example, batch_at
+from aropd_mlx.errors import UserError
+from aropd_mlx.fused import fused_loss
+from aropd_mlx.models import Teacher, head_from_model, save_adapters, trainable
+from aropd_mlx.objective import ObjectiveSettings, response_mask
+from aropd_mlx.rollout import Responses, pad_responses, sample
+from aropd_mlx.scoring import response_hidden, score_views
+from aropd_mlx.views import encode_response, encode_views, render_views
+
+# The teacher views each method distils from ("student" = the teacher without privilege).
+METHOD_VIEWS = {"sft": (), "opd": ("student",), "partial-opd": ("partial",),
+                "full-opd": ("full",), "ar-opd": ("partial", "full")}
+
+
+@dataclass
+class Encoded:
+    """An example with its prompt ids per view (and the oracle response ids for SFT)."""
+
+    example: Example
+    prompts: dict[str, list[int]]
+    oracle: list[int] | None
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_updates: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
+
+
+def objective_for(cfg: RunConfig) -> ObjectiveSettings:
+    if cfg.train.method == "sft":
+        return replace(cfg.objective, loss_type="nll", skip_first_tokens=0)
+    return cfg.objective
+
+
+def lam_at(cfg: RunConfig, step: int) -> float:
+    lam, t = cfg.objective.lam, cfg.train
+    if t.lam_schedule == "linear-warmup" and t.lam_warmup_steps > 0:
+        return lam * min(1.0, step / t.lam_warmup_steps)
+    if t.lam_schedule == "cosine":
+        return lam * 0.5 * (1 - math.cos(math.pi * min(step, t.steps) / t.steps))
+    return lam
+
+
+def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
+    t = cfg.train
+    decay_steps = max(1, t.steps - t.warmup_steps)
+    if t.lr_schedule == "cosine":
+        lr = optim.cosine_decay(t.learning_rate, decay_steps, t.learning_rate * t.min_lr_ratio)
+    else:
+        lr = t.learning_rate
+    if t.warmup_steps > 0:
+        warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: t.learning_rate)],
+                                  [t.warmup_steps])
+    # bias_correction=True: torch's AdamW does it, and early steps are stable (PLATFORM.md)
+    return optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay, bias_correction=True)
+
+
+class PromptEncoder:
+    """Prompt ids per view, made when an example is first drawn and cached (large datasets start
+    at once). Prompts past data.max_prompt_tokens are skipped and counted, never truncated."""
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cache: dict[str, Encoded | None] = {}
+        method = cfg.train.method
+        self.views = {"sft": ("student", "partial", "full") if any(cfg.train.sft_view_mix[1:])
+                      else ("student",), "opd": ("student",)}.get(method, ("student",) + METHOD_VIEWS[method])
+
+    @property
+    def skipped(self) -> int:
+        return sum(v is None for v in self.cache.values())
+
+    def __call__(self, ex: Example) -> Encoded | None:
+        if ex.id not in self.cache:
+            self.cache[ex.id] = self._encode(ex)
+        return self.cache[ex.id]
+
+    def _encode(self, ex: Example) -> Encoded | None:
+        cfg, method = self.cfg, self.cfg.train.method
+        texts = render_views(ex, cfg.views)
+        if any(v not in texts for v in self.views):
+            raise UserError(f"example {ex.id}: method {method} needs 'solution' and 'answer'")
+        prompts = encode_views(self.tokenizer, {v: texts[v] for v in self.views}, cfg.views)
+        if max(len(p) for p in prompts.values()) > cfg.data.max_prompt_tokens:
+            return None
+        oracle = None
+        if method == "sft":
+            if ex.solution is None or ex.answer is None:
+                raise UserError(f"example {ex.id}: sft needs 'solution' and 'answer'")
+            oracle = encode_response(self.tokenizer, cfg.views.response_template.format(
+                solution=ex.solution, answer=ex.answer))
+        return Encoded(ex, prompts, oracle)
+
+
+def _draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int):
+    """Rows of (prompt per view, response): on-policy samples, or the oracle for SFT."""
+    t = cfg.train
+    if t.method == "sft":
+        rng = np.random.default_rng(step_seed(t.seed, step, 1))
+        mix = np.array(t.sft_view_mix) / sum(t.sft_view_mix)
+        names = ["student", "partial", "full"]
+        student = [e.prompts[names[rng.choice(3, p=mix)]] for e in batch]
+        resp = pad_responses([e.oracle for e in batch], [True] * len(batch),
+                             tokenizer.pad_token_id or 0)
+        return {"student": student}, resp
+    g = cfg.rollout.group_size
+    resp = sample(model, tokenizer, [e.prompts["student"] for e in batch], cfg.rollout,
+                  seed=step_seed(t.seed, step, 2))
+    rows = {name: [e.prompts[name] for e in batch for _ in range(g)] for name in batch[0].prompts}
+    return rows, resp
+
+
+def _micro_batches(n: int, size: int) -> list[slice]:
+    size = n if size <= 0 else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id):
+    """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW."""
+    head = head_from_model(model)
+    tokens_np = np.array(resp.tokens)
+    eff = response_mask(resp.mask, settings.skip_first_tokens)
+    total_w = float((eff.sum(axis=1) > 0).sum() if settings.reduction == "sequence" else eff.sum())
+    views = METHOD_VIEWS[cfg.train.method]
+    grads, loss_sum, diag_sums = None, 0.0, {}
+
+    def loss_fn(m, sl, scale):
+        sh = response_hidden(m, rows["student"][sl], tokens_np[sl], resp.lengths[sl], pad_id)
+        th = teacher_h[views[0]][sl] if views else None
+        fh = teacher_h[views[1]][sl] if len(views) > 1 else None
+        out = fused_loss(sh, head, resp.tokens[sl], resp.mask[sl], th, fh, settings=settings)
+        return out.loss * out.weight * scale, out
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size):
+        (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
+        grads = g if grads is None else tree_map_add(grads, g)
+        m = eff[sl]
+        for k, v in out.diagnostics.items():
+            diag_sums[k] = diag_sums.get(k, 0.0) + (v * m).sum()
+        diag_sums["_tokens"] = diag_sums.get("_tokens", 0.0) + m.sum()
+        mx.eval(grads, loss, diag_sums)
+        loss_sum += loss.item()
+    if cfg.train.grad_clip > 0:
+        grads, norm = optim.clip_grad_norm(grads, cfg.train.grad_clip)
+    else:
+        norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+    norm = norm.item()
+    finite = math.isfinite(loss_sum) and math.isfinite(norm)
+    if finite:
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    ntok = max(float(diag_sums.pop("_tokens")), 1.0)
+    diags = {k: float(v) / ntok for k, v in diag_sums.items()}
+    return loss_sum, norm, finite, diags
+
+
+def tree_map_add(a, b):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
+             batch: list[Encoded], step: int) -> dict:
+    """One training step; returns its metrics line (host floats only)."""
+    mx.random.seed(step_seed(cfg.train.seed, step))  # dropout and anything else random
+    settings = replace(objective_for(cfg), lam=lam_at(cfg, step))
+    pad_id = tokenizer.pad_token_id or 0
+    t0 = time.perf_counter()
+    rows, resp = _draw_responses(cfg, model, tokenizer, batch, step)
+    t1 = time.perf_counter()
+    views = METHOD_VIEWS[cfg.train.method]
+    teacher_h = {}
+    if views:
+        with teacher.active(model) as scorer:
+            teacher_h = score_views(scorer, {v: rows[v] for v in views}, np.array(resp.tokens),
+                                    resp.lengths, pad_id)
+    t2 = time.perf_counter()
+    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings, pad_id)
+    if finite:
+        teacher.after_update(model)
+    t3 = time.perf_counter()
+    ntok = int(sum(resp.lengths))
+    lengths = np.array(resp.lengths)
+    return {
+        "step": step + 1, "loss": loss, "grad_norm": norm, "finite": finite,
+        "lr": float(optimizer.learning_rate.item()) if isinstance(optimizer.learning_rate, mx.array)
+        else float(optimizer.learning_rate),
+        "lam": settings.lam, **diags,
+        "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
+        "finished_rate": float(np.mean(resp.finished)), "response_tokens": ntok,
+        "tokens_per_s": ntok / max(t3 - t0, 1e-9), "time_rollout": t1 - t0,
+        "time_scoring": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
+    }
+
+
+def _append_metrics(path: Path, line: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def restore(run_dir: Path, model, optimizer, teacher: Teacher) -> LoopState:
+    """Load the latest complete checkpoint of `run_dir` (nothing: a fresh start)."""
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        return LoopState()
+    c = ckpt.load_checkpoint(found[-1])
+    model.update(tree_unflatten(list(c["params"].items())))
+    optimizer.state = c["optimizer_state"]
+    if c["teacher"] is not None:
+        teacher.params = dict(c["teacher"])
+    s = c["state"]
+    mx.eval(model.parameters(), optimizer.state)
+    _truncate_metrics(run_dir / "metrics.jsonl", c["step"])
+    return LoopState(step=c["step"], nonfinite_in_a_row=s.get("nonfinite_in_a_row", 0),
+                     skipped_updates=s.get("skipped_updates", 0))
+
+
+def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
+          resume: bool = False, on_step: Callable[[dict], None] | None = None,
+          stop_after: int | None = None) -> dict:
+    """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
+
+    `stop_after`: return after this many steps of this call (tests of interruption)."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"output directory {run_dir} is not writable")
+    save_config(cfg, run_dir / "config.yaml")
+    encoder = PromptEncoder(cfg, tokenizer)
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    state = restore(run_dir, model, optimizer, teacher) if resume else LoopState()
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics_path, t = run_dir / "metrics.jsonl", cfg.train
+    done_here = 0
+    while state.step < t.steps and (stop_after is None or done_here < stop_after):
+        batch = [e for e in map(encoder, batch_at(examples, t.batch_size, state.step * t.batch_size,
+                                                  t.seed)) if e is not None]
+        if not batch:
+            raise UserError(f"step {state.step + 1}: every prompt of the batch is longer than "
+                            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        line = run_step(cfg, model, tokenizer, optimizer, teacher, batch, state.step)
+        state.step, done_here = state.step + 1, done_here + 1
+        state.nonfinite_in_a_row = 0 if line["finite"] else state.nonfinite_in_a_row + 1
+        state.skipped_updates += 0 if line["finite"] else 1
+        line["skipped_updates"] = state.skipped_updates
+        _append_metrics(metrics_path, line)
+        if on_step:
+            on_step(line)
+        if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+            raise UserError(f"stopped at step {state.step}: {state.nonfinite_in_a_row} updates in a "
+                            "row had NaN/inf loss or gradients (lower train.learning_rate?); "
+                            f"the last good checkpoint is in {run_dir / 'checkpoints'}")
+        if state.step % t.save_every == 0 or state.step == t.steps:
+            ckpt.save_checkpoint(
+                run_dir, state.step, params=trainable(model), optimizer_state=optimizer.state,
+                teacher=teacher.params if teacher.mode == "ema" else None,
+                state={"nonfinite_in_a_row": state.nonfinite_in_a_row,
+                       "skipped_updates": state.skipped_updates}, keep=t.keep_checkpoints)
+    if state.step >= t.steps:
+        save_adapters(run_dir, model, cfg.model)
+    return summarize(run_dir, state, encoder.skipped)
+
+
+def summarize(run_dir: Path, state: LoopState, skipped_prompts: int) -> dict:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    last = lines[-10:]
+    summary = {
+        "steps_done": state.step, "skipped_updates": state.skipped_updates,
+        "skipped_prompts": skipped_prompts,
+        "final_loss": float(np.mean([l["loss"] for l in last])) if last else None,
+        "train_seconds": float(sum(l["time_step"] for l in lines)),
+        "response_tokens": int(sum(l["response_tokens"] for l in lines)),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,106 @@
+"""The three prompts of one example: the student's, the partial view (the anchor), the full view.
+
+METHOD.md: the partial view holds the first `partial_ratio` of the oracle reasoning's
+characters (extended to the next word boundary) plus the final answer; the full view holds the
+whole reasoning plus the answer; both are shown as an example before the question is answered
+again. The student sees only the question. Responses are the same tokens under every view:
+only the prompts differ.
+
+    views = render_views(example, ViewSettings())
+    prompts = encode_views(tokenizer, views, ViewSettings())   # token ids per view
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aropd_mlx.errors import UserError
+
+VIEW_NAMES = ("student", "partial", "full")
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    partial_ratio: float = 0.5
+    student_template: str = "{question}"
+    privileged_template: str = (
+        "{question}\n\nHere is an example response:\n{reference}\nFinal answer: {answer}\n\n"
+        "Now answer with your own response."
+    )
+    # How an oracle solution is written as a response (SFT targets, the lab's traces)
+    response_template: str = "{solution}\n\nFinal answer: {answer}"
+    # Pad the reference to this many lines (0: off) so that reference line i sits at a fixed
+    # distance from response line i: a tiny model can then align them (LAB.md).
+    pad_reference_lines: int = 0
+    pad_line: str = ""
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+
+    def validate(self) -> None:
+        if not 0.0 <= self.partial_ratio <= 1.0:
+            raise UserError(f"views.partial_ratio must be in [0, 1], got {self.partial_ratio}")
+        if self.pad_reference_lines < 0:
+            raise UserError("views.pad_reference_lines must be >= 0")
+        for name in ("student_template", "privileged_template"):
+            template = getattr(self, name)
+            try:
+                template.format(question="", reference="", answer="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(f"views.{name}: bad placeholder {e} (use {{question}}, "
+                                "{reference}, {answer})") from None
+        if "{question}" not in self.student_template:
+            raise UserError("views.student_template must contain {question}")
+
+
+def partial_reference(solution: str, ratio: float) -> str:
+    """The first `ratio` of the characters of `solution`, extended to the next whitespace."""
+    if ratio >= 1.0:
+        return solution
+    cut = int(len(solution) * ratio)
+    while cut < len(solution) and not solution[cut].isspace():
+        cut += 1
+    return solution[:cut].rstrip()
+
+
+def _pad(reference: str, settings: ViewSettings) -> str:
+    if not settings.pad_reference_lines:
+        return reference
+    lines = reference.split("\n") if reference else []
+    lines += [settings.pad_line] * max(0, settings.pad_reference_lines - len(lines))
+    return "\n".join(lines)
+
+
+def render_views(example, settings: ViewSettings) -> dict[str, str]:
+    """The text of each view (before any chat template). Privileged views need a solution."""
+    student = settings.student_template.format(question=example.question, reference="", answer="")
+    out = {"student": student}
+    if example.solution is None or example.answer is None:
+        return out
+    for name, ratio in (("partial", settings.partial_ratio), ("full", 1.0)):
+        reference = _pad(partial_reference(example.solution, ratio), settings)
+        out[name] = settings.privileged_template.format(
+            question=example.question, reference=reference, answer=example.answer)
+    return out
+
+
+def encode_prompt(tokenizer, text: str, settings: ViewSettings) -> list[int]:
+    """Token ids of a prompt, through the tokenizer's chat template when asked to."""
+    if not settings.use_chat_template:
+        ids = tokenizer.encode(text)
+        return ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template; set views.use_chat_template: false "
+                        "(plain prompts) or use a model with one")
+    messages = [{"role": "user", "content": text}]
+    if settings.system_prompt:
+        messages.insert(0, {"role": "system", "content": settings.system_prompt})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def encode_views(tokenizer, views: dict[str, str], settings: ViewSettings) -> dict[str, list[int]]:
+    return {name: encode_prompt(tokenizer, text, settings) for name, text in views.items()}
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Token ids of an oracle response (SFT), ending with the EOS the student must learn."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) + [tokenizer.eos_token_id]

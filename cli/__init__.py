@@ -1,0 +1,1 @@
+"""The `aropd-mlx` command line (packaged as aropd_mlx.cli)."""

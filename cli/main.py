@@ -1,0 +1,74 @@
+"""aropd-mlx: the command line.
+
+    aropd-mlx train            # the built-in lab, end to end (offline)
+    aropd-mlx doctor           # versions, backend, BLAS and a GEMM figure
+    aropd-mlx --help
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from aropd_mlx import __version__
+
+from . import extra, train
+from .common import handles_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="AR-OPD: anchored residual on-policy distillation with MLX.")
+lab_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The built-in lab.")
+app.add_typer(lab_app, name="lab")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"aropd-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version,
+                                                  is_eager=True, help="Print the version.")):
+    """AR-OPD: anchored residual on-policy distillation with MLX."""
+
+
+app.command("train")(train.train_command)
+app.command("eval")(train.eval_command)
+app.command("compare")(extra.compare_command)
+app.command("report")(extra.report_command)
+app.command("parity")(extra.parity_command)
+app.command("bench")(extra.bench_command)
+
+
+@app.command("doctor")
+@handles_errors
+def doctor(no_bench: bool = typer.Option(False, "--no-bench", help="Skip the GEMM measurement.")):
+    """Versions, backend and device, memory, the BLAS in use and a measured GEMM GFLOP/s."""
+    from aropd_mlx.platform import doctor_info, format_doctor
+
+    typer.echo(format_doctor(doctor_info(bench=not no_bench)))
+
+
+@lab_app.command("build")
+@handles_errors
+def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if cached.")):
+    """Build (or show) the lab's warm-started tiny model and data."""
+    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.setup import prepare_lab
+    from aropd_mlx.config import load_config
+
+    lab = prepare_lab(lab_settings_for(load_config()), rebuild=rebuild,
+                      on_step=train._build_progress())
+    typer.echo(f"lab model: {lab.model_path}\ntrain data: {lab.train_path}\neval data: {lab.eval_path}")
+
+
+def main() -> None:
+    from aropd_mlx.platform import ensure_fast_blas
+
+    ensure_fast_blas()  # Linux: re-exec once with a fast BLAS preloaded (PLATFORM.md)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Tests for aropd_mlx.platform: BLAS selection by re-exec, opt-out, doctor facts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from aropd_mlx import platform as plat
+
+LINUX = sys.platform.startswith("linux")
+FAST = plat.find_fast_blas()
+needs_linux = pytest.mark.skipif(not LINUX, reason="the BLAS fix only acts on Linux")
+needs_fast = pytest.mark.skipif(
+    FAST is None,
+    reason=f"no fast BLAS on this machine (install: {plat.install_hint()})",
+)
+INFO = "aropd-mlx: using "
+PROBE = ("from aropd_mlx.platform import ensure_fast_blas, loaded_blas; "
+         "ensure_fast_blas(); print(loaded_blas())")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV,
+                        "PYTEST_CURRENT_TEST")}
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@needs_linux
+@needs_fast
+def test_fix_selects_fast_blas_and_opt_out_keeps_reference():
+    fixed = _run(["-c", PROBE], _env())
+    plain = _run(["-c", PROBE], _env(**{plat.OPT_OUT_ENV: "1"}))
+    fixed_blas, plain_blas = fixed.stdout.strip(), plain.stdout.strip()
+    assert fixed_blas.startswith(("OpenBLAS", "MKL")), fixed_blas
+    assert FAST in fixed_blas
+    assert plain_blas.startswith("reference BLAS"), plain_blas
+    assert fixed_blas != plain_blas
+    # The info line exactly once, naming the library and the opt-out.
+    assert fixed.stderr.count(INFO) == 1, fixed.stderr
+    assert FAST in fixed.stderr and plat.OPT_OUT_ENV in fixed.stderr
+    assert plain.stderr.count("aropd-mlx:") == 0, plain.stderr
+
+
+@needs_linux
+@needs_fast
+def test_quiet_mode_hides_info_but_still_fixes():
+    proc = _run(["-c", PROBE], _env(**{plat.QUIET_ENV: "1"}))
+    assert proc.stdout.strip().startswith(("OpenBLAS", "MKL"))
+    assert "aropd-mlx:" not in proc.stderr
+
+
+@needs_linux
+@needs_fast
+def test_reexec_happens_once_and_keeps_script_args(tmp_path):
+    log = tmp_path / "starts.log"
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        with open({str(log)!r}, "a") as fh:
+            fh.write(os.environ.get("LD_PRELOAD", "-") + "\\n")
+        from aropd_mlx.platform import ensure_fast_blas, loaded_blas
+        ensure_fast_blas()
+        ensure_fast_blas()  # a second call must not re-exec again
+        print(sys.argv[1:])
+        print(loaded_blas())
+    """))
+    proc = _run([str(script), "a b", "--flag"], _env())
+    starts = log.read_text().splitlines()
+    assert len(starts) == 2, starts  # the original run plus exactly one re-exec
+    assert starts[0] == "-" and starts[1].split(":")[0] == FAST
+    out = proc.stdout.splitlines()
+    assert out[0] == "['a b', '--flag']"
+    assert out[1].startswith(("OpenBLAS", "MKL"))
+    assert proc.stderr.count(INFO) == 1, proc.stderr
+
+
+@needs_linux
+@needs_fast
+def test_reexec_works_for_python_dash_m(tmp_path):
+    (tmp_path / "probe_mod.py").write_text(
+        "import sys\n" + PROBE.replace("; ", "\n") + "\nprint(sys.argv[1:])\n")
+    proc = _run(["-m", "probe_mod", "x"], _env(PYTHONPATH=str(tmp_path)), cwd=tmp_path)
+    blas, args = proc.stdout.splitlines()
+    assert blas.startswith(("OpenBLAS", "MKL")) and args == "['x']"
+    assert proc.stderr.count(INFO) == 1
+
+
+@needs_linux
+@needs_fast
+def test_children_inherit_fix_silently():
+    code = PROBE + textwrap.dedent("""
+        import subprocess, sys
+        subprocess.run([sys.executable, "-c", %r], check=True)
+    """) % PROBE
+    proc = _run(["-c", code], _env())
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(x.startswith(("OpenBLAS", "MKL")) for x in lines)
+    assert proc.stderr.count(INFO) == 1, proc.stderr
+
+
+@needs_linux
+def test_marker_prevents_any_reexec(tmp_path):
+    # With the marker already set the process must never exec, whatever it finds.
+    proc = _run(["-c", PROBE], _env(**{plat.MARKER_ENV: "active:/nonexistent"}))
+    assert proc.stdout.strip().startswith("reference BLAS")
+    assert proc.stderr == ""
+
+
+def test_missing_blas_warns_once_with_install_command(monkeypatch, capsys):
+    monkeypatch.setattr(plat.sys, "platform", "linux")
+    monkeypatch.setattr(plat, "find_fast_blas", lambda: None)
+    monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)
+    for name in (plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(plat.QUIET_ENV, "1")  # quiet never hides the warning
+    plat.ensure_fast_blas()
+    plat.ensure_fast_blas()
+    err = capsys.readouterr().err
+    assert err.count("no fast BLAS found") == 1
+    assert "sudo apt-get install libopenblas0-pthread" in err and "pip install mkl" in err
+
+
+def test_under_pytest_never_reexecs(monkeypatch):
+    monkeypatch.setattr(plat.sys, "platform", "linux")
+    monkeypatch.setattr(plat, "find_fast_blas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)
+    monkeypatch.delenv(plat.MARKER_ENV, raising=False)
+    monkeypatch.delenv(plat.OPT_OUT_ENV, raising=False)
+
+    def boom(*a, **k):
+        raise AssertionError("execve called under pytest")
+
+    monkeypatch.setattr(plat.os, "execve", boom)
+    plat.ensure_fast_blas()
+
+
+def test_macos_does_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(plat.sys, "platform", "darwin")
+    monkeypatch.delenv(plat.MARKER_ENV, raising=False)
+    monkeypatch.setattr(plat.os, "execve", lambda *a: pytest.fail("execve on macOS"))
+    assert plat.find_fast_blas() is None
+    plat.ensure_fast_blas()
+    assert capsys.readouterr().err == ""
+    assert plat.loaded_blas() == "Accelerate"
+
+
+def test_reexec_argv_refuses_stdin_scripts(monkeypatch):
+    monkeypatch.setattr(plat.sys, "argv", ["-"])
+    monkeypatch.setattr(plat.sys, "orig_argv", [sys.executable, "-"], raising=False)
+    assert plat._reexec_argv(None) is None
+    assert plat._reexec_argv(["-m", "x", "y"]) == [sys.executable, "-m", "x", "y"]
+
+
+def test_gemm_gflops_positive():
+    g = plat.gemm_gflops(256, repeats=2)
+    assert isinstance(g, float) and g > 0
+
+
+def test_loaded_blas_names_something():
+    name = plat.loaded_blas()
+    assert isinstance(name, str) and name and not name.startswith("unknown")
+
+
+def test_doctor_info_keys_and_format():
+    info = plat.doctor_info(bench=False)
+    keys = {"python", "platform", "mlx", "mlx_lm", "backend", "device", "memory_total_gb",
+            "blas", "gemm_gflops", "blas_fix", "torch", "torch_cuda", "transformers"}
+    assert keys <= set(info)
+    assert info["mlx"] and info["backend"] in ("Metal", "CUDA", "CPU")
+    assert info["memory_total_gb"] and info["memory_total_gb"] > 0
+    assert info["gemm_gflops"] is None
+    text = plat.format_doctor(info)
+    assert len(text.splitlines()) == len(info)
+    assert "BLAS in use" in text and "mlx-lm" in text
+
+
+def test_doctor_info_measures_gemm(monkeypatch):
+    monkeypatch.setattr(plat, "gemm_gflops", lambda *a, **k: 12.5)
+    assert plat.doctor_info()["gemm_gflops"] == 12.5

@@ -1,16 +1,29 @@
 """Evaluation: sample answers to held-out questions and check them.
 
 A checker maps (example, response text) to a record with at least `correct`; the lab's checker
-adds all-steps-correct and shortcut events. Generic data uses answer extraction.
+(`aropd_mlx.lab.setup.checker`) adds `all_steps_correct`, `shortcut` and `k`. Generic data uses
+`answer_checker`: answer extraction plus math-verify (the `math` extra) or a normalizer.
 
-    result = evaluate(model, tokenizer, examples, views, checker=answer_checker, k=1)
-    result.summary()   # accuracy overall and by response-length bucket
+    result = evaluate(model, tokenizer, examples, views, checker=answer_checker, k=4,
+                      temperature=1.0)
+    s = result.summary()        # accuracy, avg@k, pass@k, by response-length bucket (and by k)
+    print(summary_markdown(s))  # a human table; json.dumps(s) is the machine form
+
+Definitions (docs/EVALUATION.md):
+- accuracy = avg@k: the mean of `correct` over all k samples of all problems; with greedy
+  decoding and k = 1 it is plain accuracy.
+- pass@k: the share of problems with at least one correct sample among its k; `pass_at`
+  holds the unbiased estimate pass@j = 1 - C(k-c, j)/C(k, j) for j = 1, 2, 4, ... <= k.
+- length buckets count response tokens including the EOS; a bucket (lo, hi] holds
+  lo < n <= hi, so 256 is in "<=256" and 257 in "256-512"; "> 1024" is open.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import comb
 from typing import Callable
 
 import numpy as np
@@ -21,50 +34,143 @@ from aropd_mlx.views import ViewSettings, encode_prompt, render_views
 LENGTH_BUCKETS = ((0, 256), (256, 512), (512, 768), (768, 1024), (1024, None))
 
 
+def _bucket_label(lo: int, hi: int | None) -> str:
+    return f">{lo}" if hi is None else f"{lo}-{hi}" if lo else f"<={hi}"
+
+
+BUCKET_NAMES = tuple(_bucket_label(lo, hi) for lo, hi in LENGTH_BUCKETS)
+
+
+def bucket_index(n_tokens: int) -> int:
+    """Index into LENGTH_BUCKETS: buckets are (lo, hi], the first one [0, 256]."""
+    for i, (_, hi) in enumerate(LENGTH_BUCKETS):
+        if hi is None or n_tokens <= hi:
+            return i
+    raise AssertionError("the last bucket is open")
+
+
 def bucket_name(n_tokens: int) -> str:
     """Response-length bucket of METHOD.md: <=256, 256-512, 512-768, 768-1024, >1024 tokens."""
-    for lo, hi in LENGTH_BUCKETS:
-        if hi is None or n_tokens <= hi:
-            return f">{lo}" if hi is None else f"{lo}-{hi}" if lo else f"<={hi}"
-    raise AssertionError
+    return BUCKET_NAMES[bucket_index(n_tokens)]
 
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-_MARKERS = (re.compile(r"####\s*(.+)"), re.compile(r"(?:Final answer|Answer|A)\s*:\s*(.+)", re.I))
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# ----------------------------------------------------------------------------- extraction
+
+_BOXED_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOXED_BARE = re.compile(r"\\boxed\s+([^\s$]+)")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_WORD = re.compile(r"\b(?:final\s+answer|answer)\s*(?::|is\b\s*:?)\s*([^\n]+)", re.I)
+_LAB_ANSWER = re.compile(r"^[ \t]*A[ \t]*:[ \t]*(\S[^\n]*)", re.M)
+# a number: thousands groups or digits, a decimal part, an optional /denominator; a minus sign
+# only where it cannot be a binary minus ("5-3" ends with the number 3, not -3)
+_NUMBER = re.compile(r"(?:(?<![\w)\].])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every \\boxed{...} (or \\fbox{...}), braces balanced to any depth."""
+    out = []
+    for m in _BOXED_START.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end(): i - 1].strip())
+    return out
+
+
+def _clean_marked(answer: str) -> str:
+    """Text after a marker: boxed inside wins; trailing period and '$' go; 'x = 5' stays."""
+    inner = boxed_contents(answer)
+    if inner:
+        return inner[-1]
+    a = answer.strip().rstrip(".").strip().strip("$").strip()
+    # "5 apples" / "12 because ..." -> the leading number, if the rest is words
+    m = re.fullmatch(r"(-?[\d,./]+)\s+[A-Za-z][^=]*", a)
+    return m.group(1) if m and _NUMBER.fullmatch(m.group(1)) else a
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a response: \\boxed{}, '####', 'Answer:'/'Final answer:', last number."""
-    boxed = _BOXED.findall(text)
+    """The final answer of a response, by the first rule that finds one (its last occurrence):
+    \\boxed{} (nested braces) > '#### x' > 'Answer: x' / 'Final answer: x' / 'the answer is x'
+    > a line 'A: x' (the lab) > the last number in the text. None when nothing is found."""
+    boxed = boxed_contents(text) or _BOXED_BARE.findall(text)
     if boxed:
         return boxed[-1].strip()
-    for marker in _MARKERS:
+    for marker in (_HASHES, _ANSWER_WORD, _LAB_ANSWER):
         found = marker.findall(text)
         if found:
-            return found[-1].strip().rstrip(".").strip()
+            cleaned = _clean_marked(found[-1])
+            if cleaned:
+                return cleaned
     numbers = _NUMBER.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
 
 
+# ----------------------------------------------------------------------------- equivalence
+
+_LATEX_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle",
+               "^\\circ", "^{\\circ}", r"\%", "%", "$")
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
+_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d])")
+_LHS = re.compile(r"^[A-Za-z]\w*\s*=\s*(?=\S)")
+
+
 def normalize(answer: str) -> str:
-    a = answer.strip().strip("$").replace(",", "").replace(" ", "").rstrip(".")
+    """A canonical form for comparing answers without math-verify: LaTeX spacing, \\text{},
+    '$', '%', degrees and a trailing period go; '\\frac{a}{b}', 'a/b' and decimals become one
+    rational ('0.5' == '1/2' == '\\frac12'); thousands commas go ('1,234' == '1234') but a
+    tuple's commas stay; 'x = 5' becomes '5'; anything else is lower-cased without spaces."""
+    a = answer.strip()
+    inner = boxed_contents(a)
+    a = inner[-1] if inner else a
+    a = _WRAPPERS.sub(r"\1", a)
+    for token in _LATEX_DROP:
+        a = a.replace(token, "")
+    a = _FRAC.sub(lambda m: f"({m.group(1) or m.group(2)})/({m.group(3) or m.group(4)})", a)
+    a = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), a.strip().rstrip("."))
+    a = _LHS.sub("", a.strip())
+    a = a.replace(" ", "")
+    value = _rational(a)
+    if value is not None:
+        return str(value)
+    return a.lower()
+
+
+def _rational(a: str) -> Fraction | None:
+    m = re.fullmatch(r"\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(-?\d+(?:\.\d+)?)\)?)?", a)
+    if m is None:
+        return None
+    num = Fraction(m.group(1))
+    if m.group(2) is None:
+        return num
+    den = Fraction(m.group(2))
+    return num / den if den != 0 else None
+
+
+def _math_verify():
     try:
-        value = float(a)
-        return str(int(value)) if value.is_integer() else str(value)
-    except ValueError:
-        return a.lower()
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    return parse, verify
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
+    """Equal after `normalize`, or equivalent for math-verify when it is installed."""
     if predicted is None:
         return False
-    try:  # math-verify (the `math` extra) knows equivalent forms: 1/2 = 0.5 = \frac{1}{2}
-        from math_verify import parse, verify
-
-        return bool(verify(parse(reference), parse(predicted)))
-    except ImportError:
-        return normalize(predicted) == normalize(reference)
+    if normalize(predicted) == normalize(reference):
+        return True
+    mv = _math_verify()
+    if mv is None:
+        return False
+    parse, verify = mv
+    try:  # '$...$' makes math-verify read both as LaTeX (plain '1/2' and '\frac12' alike)
+        return bool(verify(parse(f"${reference}$"), parse(f"${predicted}$")))
+    except Exception:  # a parser failure or timeout is a non-match, not a crash
+        return False
 
 
 def answer_checker(example, response: str) -> dict:
@@ -72,55 +178,108 @@ def answer_checker(example, response: str) -> dict:
     return {"correct": answers_match(predicted, example.answer or ""), "predicted": predicted}
 
 
+# ----------------------------------------------------------------------------- results
+
+def pass_at(n: int, c: int, j: int) -> float:
+    """Unbiased pass@j from n samples with c correct: 1 - C(n-c, j) / C(n, j)."""
+    if not 1 <= j <= n:
+        raise ValueError(f"pass@{j} needs 1 <= j <= n = {n}")
+    return 1.0 - comb(n - c, j) / comb(n, j)
+
+
+def _rates(records: list[dict]) -> dict:
+    """n, accuracy and (when the checker gives them) all-steps-correct and shortcut rates."""
+    out = {"n": len(records), "accuracy": float(np.mean([r["correct"] for r in records]))}
+    if "all_steps_correct" in records[0]:
+        out["all_steps_correct_rate"] = float(np.mean([r["all_steps_correct"] for r in records]))
+    if "shortcut" in records[0]:
+        out["shortcut_rate"] = float(np.mean([r["shortcut"] is not None for r in records]))
+    return out
+
+
 @dataclass
 class EvalResult:
     records: list[dict] = field(default_factory=list)  # one per (example, sample)
+    k: int = 1  # samples per problem
 
     def summary(self) -> dict:
         recs = self.records
         if not recs:
             return {"n": 0}
-        out = {"n": len(recs), "accuracy": float(np.mean([r["correct"] for r in recs])),
+        out = {**_rates(recs), "samples_per_problem": self.k,
                "mean_response_tokens": float(np.mean([r["tokens"] for r in recs]))}
-        for key in ("all_steps_correct",):
-            if key in recs[0]:
-                out[f"{key}_rate"] = float(np.mean([r[key] for r in recs]))
         if "shortcut" in recs[0]:
-            out["shortcut_rate"] = float(np.mean([r["shortcut"] is not None for r in recs]))
+            kinds: dict[str, int] = {}
+            for r in recs:
+                if r["shortcut"] is not None:
+                    kinds[r["shortcut"]] = kinds.get(r["shortcut"], 0) + 1
+            out["shortcut_counts"] = dict(sorted(kinds.items()))
         by_id: dict[str, list[bool]] = {}
         for r in recs:
             by_id.setdefault(r["id"], []).append(bool(r["correct"]))
-        out["pass_at_k"] = float(np.mean([any(v) for v in by_id.values()]))
+        out["n_problems"] = len(by_id)
         out["avg_at_k"] = float(np.mean([np.mean(v) for v in by_id.values()]))
+        out["pass_at_k"] = float(np.mean([any(v) for v in by_id.values()]))
+        n = min(len(v) for v in by_id.values())
+        out["pass_at"] = {str(j): float(np.mean([pass_at(len(v), sum(v), j) for v in by_id.values()]))
+                          for j in (2 ** i for i in range(n.bit_length())) if j <= n}
         out["by_length"] = self.grouped("bucket")
         if "k" in recs[0]:
             out["by_k"] = self.grouped("k")
         return out
 
     def grouped(self, key: str) -> dict:
+        """Rates per value of `key`; length buckets in their natural order, others sorted."""
         groups: dict = {}
         for r in self.records:
             groups.setdefault(r[key], []).append(r)
-        out = {}
-        for g in sorted(groups, key=lambda x: (isinstance(x, str), x)):
-            rs = groups[g]
-            row = {"n": len(rs), "accuracy": float(np.mean([r["correct"] for r in rs]))}
-            if "all_steps_correct" in rs[0]:
-                row["all_steps_correct_rate"] = float(np.mean([r["all_steps_correct"] for r in rs]))
-            if "shortcut" in rs[0]:
-                row["shortcut_rate"] = float(np.mean([r["shortcut"] is not None for r in rs]))
-            out[str(g)] = row
-        return out
+        if key == "bucket":
+            order = [b for b in BUCKET_NAMES if b in groups]
+        else:
+            order = sorted(groups, key=lambda x: (isinstance(x, str), x))
+        return {str(g): _rates(groups[g]) for g in order}
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One row per group (all, then by k when present, then by length) for a table."""
+    keys = [k for k in ("accuracy", "all_steps_correct_rate", "shortcut_rate") if k in summary]
+    rows = [{"group": "all", "n": summary.get("n", 0), **{k: summary.get(k) for k in keys}}]
+    for g, row in summary.get("by_k", {}).items():
+        rows.append({"group": f"k={g}", "n": row["n"], **{k: row.get(k) for k in keys}})
+    for g, row in summary.get("by_length", {}).items():
+        rows.append({"group": f"len {g}", "n": row["n"], **{k: row.get(k) for k in keys}})
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A GitHub-markdown table (floats with 3 decimals, None as '-')."""
+    if not rows:
+        return "(empty)\n"
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: dict) -> str:
+    extra = f"avg@{summary.get('samples_per_problem', 1)} {summary.get('avg_at_k', 0):.3f}, " \
+            f"pass@{summary.get('samples_per_problem', 1)} {summary.get('pass_at_k', 0):.3f}"
+    return markdown_table(summary_rows(summary)) + "\n" + extra + "\n"
 
 
 def evaluate(model, tokenizer, examples: list, views: ViewSettings,
              checker: Callable[[object, str], dict] = answer_checker, k: int = 1,
              temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0,
              batch_size: int = 64) -> EvalResult:
-    """k samples per example (temperature 0: greedy, then k=1 suffices)."""
+    """k samples per example (temperature 0: greedy, then k = 1 suffices). Each record holds
+    id, sample index, response tokens (EOS included), bucket, the text and the checker's keys."""
     settings = RolloutSettings(group_size=k, max_new_tokens=max_new_tokens,
                                temperature=temperature, completion_batch_size=batch_size)
-    result = EvalResult()
+    result = EvalResult(k=k)
     eos = set(tokenizer.eos_token_ids)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -129,9 +288,9 @@ def evaluate(model, tokenizer, examples: list, views: ViewSettings,
         tokens = np.array(resp.tokens)
         for row in range(tokens.shape[0]):
             ex = chunk[row // k]
-            ids = [int(t) for t in tokens[row, : resp.lengths[row]] if int(t) not in eos]
+            n = resp.lengths[row]
+            ids = [int(t) for t in tokens[row, :n] if int(t) not in eos]
             text = tokenizer.decode(ids)
-            rec = {"id": ex.id, "tokens": resp.lengths[row], "bucket": bucket_name(resp.lengths[row]),
-                   "response": text, **checker(ex, text)}
-            result.records.append(rec)
+            result.records.append({"id": ex.id, "sample": row % k, "tokens": n,
+                                   "bucket": bucket_name(n), "response": text, **checker(ex, text)})
     return result

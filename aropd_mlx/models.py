@@ -79,10 +79,13 @@ def load_base(path: str, trust_remote_code: bool = False):
         raise UserError(f"cannot load model {path}: {text}") from None
 
 
-def attach_adapters(model: nn.Module, settings: ModelSettings) -> None:
-    """Freeze the base and add trainable LoRA/DoRA layers (or unfreeze all for full)."""
+def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) -> None:
+    """Freeze the base and add trainable LoRA/DoRA layers (or unfreeze all for full).
+
+    The adapters' random init is drawn from `seed`: the same run always starts the same."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    mx.random.seed(seed)
     model.freeze()
     if settings.fine_tune_type == "full":
         model.unfreeze()
@@ -92,9 +95,9 @@ def attach_adapters(model: nn.Module, settings: ModelSettings) -> None:
                           use_dora=settings.fine_tune_type == "dora")
 
 
-def load_student(settings: ModelSettings, path: str | None = None):
+def load_student(settings: ModelSettings, path: str | None = None, seed: int = 0):
     model, tokenizer = load_base(path or settings.path, settings.trust_remote_code)
-    attach_adapters(model, settings)
+    attach_adapters(model, settings, seed)
     if settings.adapter:
         load_adapter_weights(model, settings.adapter)
     return model, tokenizer

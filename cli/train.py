@@ -146,7 +146,7 @@ def train_command(
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples = load_examples(cfg.data.train, need=need)
     eval_examples = load_examples(cfg.data.eval, need=("question", "answer")) if cfg.data.eval else []
-    student, tokenizer = load_student(cfg.model)
+    student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
     teacher_ = Teacher.create(student, tokenizer, cfg.model)
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "

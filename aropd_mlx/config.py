@@ -9,7 +9,10 @@ run directory as config.yaml, and `--resume` reads it back.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -119,7 +122,14 @@ def _check_type(value, annotation, key: str):
             return value
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise UserError(f"{key}: expected a number, got {value!r}")
     if hint is str:
@@ -138,7 +148,9 @@ def _build(cls, data: dict, prefix: str):
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in known:
-            raise UserError(f"unknown key {dotted!r} (known: {', '.join(known)})")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
+            raise UserError(f"unknown key {dotted!r} ({hint})")
         hint = hints[key]
         if is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, dotted + ".")
@@ -158,24 +170,29 @@ def merge(base: dict, overrides: dict) -> dict:
     for dotted, value in overrides.items():
         node = out
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise UserError(f"cannot set {dotted}: {p} is not a section")
+                section = ".".join(parents[: i + 1])
+                raise UserError(f"{section}: expected a section (key: value lines), got {node!r}")
         node[leaf] = value
     return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None,
-                base: dict | None = None) -> RunConfig:
-    """Defaults <- `base` (e.g. a preset) <- the YAML file <- flag overrides; validated."""
-    data = dict(base or {})
+                base: dict | None = None, flag_names: dict[str, str] | None = None) -> RunConfig:
+    """Defaults <- `base` (e.g. a preset) <- the YAML file <- flag overrides; validated.
+
+    An error names where the bad value came from: `--flag` (`flag_names` maps dotted keys to
+    the flags that set them), `file.yaml:LINE`, or the key alone."""
+    data, lines = merge({}, base or {}), {}  # base: dotted keys, like overrides
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -183,16 +200,48 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
         if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping at the top level")
+            raise UserError(f"{path}:1: expected a mapping (key: value) at the top level")
+        lines = _key_lines(text)
         try:
             data = merge(data, _flatten(loaded))
         except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-    data = merge(data, overrides or {})
+            raise UserError(_locate(str(e), path, lines, {})) from None
+    flags = {k: v for k, v in (flag_names or {}).items() if k in (overrides or {})}
     try:
-        return _build(RunConfig, data, "").validate()
+        return _build(RunConfig, merge(data, overrides or {}), "").validate()
     except UserError as e:
-        raise UserError(f"{path}: {e}" if path is not None else str(e)) from None
+        raise UserError(_locate(str(e), path, lines, flags)) from None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in a YAML text."""
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = f"{prefix}{key.value}"
+                out[dotted] = key.start_mark.line + 1
+                walk(value, dotted + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str]) -> str:
+    """Prefix a config error with the flag or the file:line that set the key it names first."""
+    found = []
+    for key in set(lines) | set(flags):
+        m = re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)
+        if m:
+            found.append((m.start(), -len(key), key))
+    if found:
+        key = min(found)[2]
+        return f"{flags[key]}: {message}" if key in flags else f"{path}:{lines[key]}: {message}"
+    return f"{path}: {message}" if path is not None else message
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -59,8 +59,15 @@ def resolve_path(spec: str) -> Path:
 
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
     except Exception as e:  # offline, missing repo or file: one line, the reason included
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot fetch {filename} from Hub dataset {repo_id}: {reason}") from None
+        kind = type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else kind
+        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            reason = "not in the local Hugging Face cache and the Hub cannot be reached (offline)"
+        elif kind in ("RepositoryNotFoundError", "GatedRepoError"):
+            reason = f"no such dataset on the Hub, or it is private/gated ({kind})"
+        elif kind == "EntryNotFoundError":
+            reason = "the dataset has no such file"
+        raise UserError(f"cannot fetch {spec}: {reason}") from None
 
 
 def _parse_line(raw: bytes, where: str, need: tuple[str, ...], index: int) -> Example:
@@ -105,7 +112,7 @@ def load_examples(spec: str, need: tuple[str, ...] = ("question",)) -> list[Exam
                 continue
             examples.append(_parse_line(raw.rstrip(b"\r\n"), f"{spec}:{lineno}", need, len(examples)))
     if not examples:
-        raise UserError(f"{spec}: no examples (the file is empty)")
+        raise UserError(f"{spec}: no examples (the file is empty or blank)")
     return examples
 
 

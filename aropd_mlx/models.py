@@ -58,25 +58,70 @@ class ModelSettings:
         return params
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"malformed JSON ({e.msg})", where=f"{path}:{e.lineno}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"unreadable ({e})", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise UserError("expected a JSON object", where=str(path))
+    return data
+
+
+def check_local_model(path: Path, trust_remote_code: bool) -> None:
+    """What mlx-lm would fail on obscurely, said plainly: no config, an architecture it does not
+    implement, tokenizer code from the repository (refused without --trust-remote-code)."""
+    from mlx_lm.utils import _get_classes
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"model path {path}: no config.json there (not a model directory)")
+    config = _read_json(path / "config.json")
+    if "model_type" not in config:
+        raise UserError("missing field 'model_type'", where=f"{path / 'config.json'}")
+    try:
+        _get_classes(config)
+    except ValueError:
+        custom = " (its auto_map points to custom modeling code)" if "auto_map" in config else ""
+        raise UserError(f"model {path}: model_type {config['model_type']!r} is not an architecture "
+                        f"mlx-lm implements{custom}; --trust-remote-code cannot help, mlx-lm runs "
+                        "only its own architectures") from None
+    tok_cfg = path / "tokenizer_config.json"
+    if not trust_remote_code and tok_cfg.is_file() and "auto_map" in _read_json(tok_cfg):
+        raise UserError(f"model {path}: its tokenizer runs custom code from the model directory "
+                        f"(auto_map in {tok_cfg.name}); pass --trust-remote-code if you trust it")
+
+
+def _load_error(path: str, e: Exception) -> UserError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    kind = type(e).__name__
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return UserError(f"model {path} needs custom code from its repository; pass "
+                         "--trust-remote-code if you trust it")
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "outgoing traffic has been disabled" in text:
+        return UserError(f"model {path}: not a local directory, not in the local Hugging Face cache, "
+                         "and the Hub cannot be reached (offline)")
+    if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+        return UserError(f"model {path}: no such model on the Hub, or it is private/gated ({kind})")
+    return UserError(f"cannot load model {path}: {text}")
+
+
 def load_base(path: str, trust_remote_code: bool = False):
     """mlx_lm.load with one-line errors: a missing path, an unreachable Hub id, remote code."""
     from mlx_lm import load
 
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / "config.json").is_file():
-        raise UserError(f"model path {path}: no config.json there (not a model directory)")
+    if looks_local:
+        check_local_model(local, trust_remote_code)
     try:
         return load(str(local) if looks_local else path,
                     tokenizer_config={"trust_remote_code": trust_remote_code})
     except UserError:
         raise
-    except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "trust_remote_code" in text:
-            raise UserError(f"model {path} needs custom code from its repository; pass "
-                            "--trust-remote-code if you trust it") from None
-        raise UserError(f"cannot load model {path}: {text}") from None
+    except Exception as e:  # mlx-lm, transformers and huggingface_hub raise many kinds
+        raise _load_error(path, e) from None
 
 
 def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) -> None:
@@ -157,7 +202,11 @@ class Teacher:
         if settings.teacher == "ema":
             return cls("ema", {k: mx.array(v) for k, v in trainable(model).items()},
                        mixup=settings.ema_mixup)
-        other, other_tok = load_base(settings.teacher, settings.trust_remote_code)
+        try:
+            other, other_tok = load_base(settings.teacher, settings.trust_remote_code)
+        except UserError as e:
+            raise UserError(f"teacher {settings.teacher!r} (model.teacher / --teacher: frozen, ema "
+                            f"or a model): {e}") from None
         check_same_vocabulary(tokenizer, other_tok, model, other, settings.teacher)
         other.freeze()
         return cls("model", model=other)
@@ -186,11 +235,16 @@ class Teacher:
 
 
 def check_same_vocabulary(tok_a, tok_b, model_a, model_b, where: str) -> None:
-    va, vb = len(tok_a.get_vocab()), len(tok_b.get_vocab())
+    vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
     ha, hb = head_from_model(model_a), head_from_model(model_b)
-    if va != vb or tok_a.get_vocab() != tok_b.get_vocab():
-        raise UserError(f"teacher {where}: its tokenizer differs from the student's "
-                        f"({vb} vs {va} entries); a separate teacher must share the vocabulary")
+    if vocab_a != vocab_b:
+        if len(vocab_a) != len(vocab_b):
+            how = f"{len(vocab_b)} vs {len(vocab_a)} entries"
+        else:
+            token = next((t for t in sorted(vocab_a) if vocab_a[t] != vocab_b.get(t)), "?")
+            how = f"same size, but {token!r} is id {vocab_b.get(token)} vs {vocab_a.get(token)}"
+        raise UserError(f"teacher {where}: its tokenizer differs from the student's ({how}); "
+                        "a separate teacher must share the vocabulary")
     if ha.weight.shape[0] != hb.weight.shape[0]:
         raise UserError(f"teacher {where}: output vocabulary {hb.weight.shape[0]} "
                         f"differs from the student's {ha.weight.shape[0]}")
@@ -210,18 +264,28 @@ def save_adapters(directory: str | Path, model: nn.Module, settings: ModelSettin
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "adapters.safetensors"
     tmp = directory / "adapters.tmp.safetensors"
-    mx.save_safetensors(str(tmp), trainable(model))
     cfg_tmp = directory / "adapter_config.json.tmp"
-    cfg_tmp.write_text(json.dumps(adapter_config(settings, model), indent=2))
-    os.replace(tmp, weights)
-    os.replace(cfg_tmp, directory / "adapter_config.json")
+    try:
+        mx.save_safetensors(str(tmp), trainable(model))
+        cfg_tmp.write_text(json.dumps(adapter_config(settings, model), indent=2))
+        os.replace(tmp, weights)
+        os.replace(cfg_tmp, directory / "adapter_config.json")
+    except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError from MLX
+        tmp.unlink(missing_ok=True)
+        cfg_tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise UserError(f"cannot write adapters to {directory}: {why} (checkpoints are intact; "
+                        "free space, then --resume)") from None
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / "adapters.safetensors"
     if not path.is_file():
         raise UserError(f"adapter {directory}: no adapters.safetensors there")
-    weights = mx.load(str(path))
+    try:
+        weights = mx.load(str(path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"adapter {path} is unreadable ({str(e).strip() or type(e).__name__})") from None
     expected = trainable(model)
     unknown = sorted(set(weights) - set(expected))
     if unknown:

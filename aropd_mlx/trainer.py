@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from aropd_mlx import checkpoint as ckpt
 from aropd_mlx.config import RunConfig, save_config, to_dict
 from aropd_mlx.data import Example, batch_at
+from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
 from aropd_mlx.models import Teacher, head_from_model, save_adapters, trainable
@@ -99,7 +100,7 @@ class PromptEncoder:
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.cache: dict[str, Encoded | None] = {}
+        self.cache: dict[Example, Encoded | None] = {}  # keyed by value: ids may repeat
         method = cfg.train.method
         self.views = {"sft": ("student", "partial", "full") if any(cfg.train.sft_view_mix[1:])
                       else ("student",), "opd": ("student",)}.get(method, ("student",) + METHOD_VIEWS[method])
@@ -109,9 +110,9 @@ class PromptEncoder:
         return sum(v is None for v in self.cache.values())
 
     def __call__(self, ex: Example) -> Encoded | None:
-        if ex.id not in self.cache:
-            self.cache[ex.id] = self._encode(ex)
-        return self.cache[ex.id]
+        if ex not in self.cache:
+            self.cache[ex] = self._encode(ex)
+        return self.cache[ex]
 
     def _encode(self, ex: Example) -> Encoded | None:
         cfg, method = self.cfg, self.cfg.train.method
@@ -153,7 +154,8 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id):
+def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id,
+            tracker: RunDiagnostics | None = None):
     """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW."""
     head = head_from_model(model)
     tokens_np = np.array(resp.tokens)
@@ -177,7 +179,9 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
         for k, v in out.diagnostics.items():
             diag_sums[k] = diag_sums.get(k, 0.0) + (v * m).sum()
         diag_sums["_tokens"] = diag_sums.get("_tokens", 0.0) + m.sum()
-        mx.eval(grads, loss, diag_sums)
+        mx.eval(grads, loss, diag_sums, out.diagnostics)
+        if tracker is not None:  # per-token signals by position and length (diagnostics.py)
+            tracker.add(out.diagnostics, resp.mask[sl])
         loss_sum += loss.item()
     if cfg.train.grad_clip > 0:
         grads, norm = optim.clip_grad_norm(grads, cfg.train.grad_clip)
@@ -200,7 +204,7 @@ def tree_map_add(a, b):
 
 
 def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
-             batch: list[Encoded], step: int) -> dict:
+             batch: list[Encoded], step: int, tracker: RunDiagnostics | None = None) -> dict:
     """One training step; returns its metrics line (host floats only)."""
     mx.random.seed(step_seed(cfg.train.seed, step))  # dropout and anything else random
     settings = replace(objective_for(cfg), lam=lam_at(cfg, step))
@@ -215,7 +219,8 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
             teacher_h = score_views(scorer, {v: rows[v] for v in views}, np.array(resp.tokens),
                                     resp.lengths, pad_id)
     t2 = time.perf_counter()
-    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings, pad_id)
+    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings, pad_id,
+                                        tracker)
     if finite:
         teacher.after_update(model)
     t3 = time.perf_counter()
@@ -238,10 +243,18 @@ def _append_metrics(path: Path, line: dict) -> None:
         f.write(json.dumps(line) + "\n")
 
 
+def _metrics_step(line: str) -> float:
+    """The step of a metrics line; +inf for a line a crash cut short (then dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
+    keep = [l for l in path.read_text().splitlines() if _metrics_step(l) <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(l + "\n" for l in keep))
     os.replace(tmp, path)
@@ -249,8 +262,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def restore(run_dir: Path, model, optimizer, teacher: Teacher) -> LoopState:
     """Load the latest complete checkpoint of `run_dir` (nothing: a fresh start)."""
+    ckpt.sweep_temporary(run_dir)
     found = ckpt.list_checkpoints(run_dir)
     if not found:
+        _truncate_metrics(run_dir / "metrics.jsonl", 0)
         return LoopState()
     c = ckpt.load_checkpoint(found[-1])
     model.update(tree_unflatten(list(c["params"].items())))
@@ -264,32 +279,61 @@ def restore(run_dir: Path, model, optimizer, teacher: Teacher) -> LoopState:
                      skipped_updates=s.get("skipped_updates", 0))
 
 
+def draw_batch(cfg: RunConfig, examples: list[Example], encoder: PromptEncoder,
+               step: int) -> list[Encoded]:
+    """The prompts of `step`, a pure function of (seed, step). Prompts past
+    data.max_prompt_tokens are skipped (and counted); a batch left empty takes the next prompts
+    in draw order; no prompt short enough in the whole dataset is an error."""
+    t, n = cfg.train, len(examples)
+    if n == 0:
+        raise UserError(f"no examples to train on ({cfg.data.train})")
+    start = step * t.batch_size
+    batch = [e for e in map(encoder, batch_at(examples, t.batch_size, start, t.seed)) if e is not None]
+    position = start + t.batch_size
+    while not batch and position < start + t.batch_size + 2 * n:  # 2n positions cover an epoch
+        batch = [e for e in map(encoder, batch_at(examples, 1, position, t.seed)) if e is not None]
+        position += 1
+    if not batch:
+        raise UserError(f"all {n} prompts of {cfg.data.train} are longer than data.max_prompt_tokens="
+                        f"{cfg.data.max_prompt_tokens} tokens (with the {t.method} views); raise "
+                        "data.max_prompt_tokens or shorten the prompts")
+    return batch
+
+
 def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
           resume: bool = False, on_step: Callable[[dict], None] | None = None,
           stop_after: int | None = None) -> dict:
     """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
 
-    `stop_after`: return after this many steps of this call (tests of interruption)."""
+    `stop_after`: return after this many steps of this call (tests of interruption).
+    A failed write in the run directory (a full disk) is a one-line UserError."""
+    try:
+        return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
+                      on_step=on_step, stop_after=stop_after)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write in the run directory {cfg.out}: "
+                        f"{e.strerror or e}{where}") from None
+
+
+def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
+           resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None) -> dict:
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(f"output directory {run_dir} is not writable")
-    save_config(cfg, run_dir / "config.yaml")
     encoder = PromptEncoder(cfg, tokenizer)
+    draw_batch(cfg, examples, encoder, 0)  # bad prompts fail here, before anything is written
+    ckpt.prepare_run_dir(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     state = restore(run_dir, model, optimizer, teacher) if resume else LoopState()
+    tracker = RunDiagnostics.resume(run_dir, state.step)  # fresh unless resuming
     if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        ckpt.start_fresh(run_dir)  # an older run's checkpoints must never be resumed into this one
     metrics_path, t = run_dir / "metrics.jsonl", cfg.train
     done_here = 0
     while state.step < t.steps and (stop_after is None or done_here < stop_after):
-        batch = [e for e in map(encoder, batch_at(examples, t.batch_size, state.step * t.batch_size,
-                                                  t.seed)) if e is not None]
-        if not batch:
-            raise UserError(f"step {state.step + 1}: every prompt of the batch is longer than "
-                            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-        line = run_step(cfg, model, tokenizer, optimizer, teacher, batch, state.step)
+        batch = draw_batch(cfg, examples, encoder, state.step)
+        line = run_step(cfg, model, tokenizer, optimizer, teacher, batch, state.step, tracker)
         state.step, done_here = state.step + 1, done_here + 1
         state.nonfinite_in_a_row = 0 if line["finite"] else state.nonfinite_in_a_row + 1
         state.skipped_updates += 0 if line["finite"] else 1
@@ -299,14 +343,16 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
             on_step(line)
         if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
             raise UserError(f"stopped at step {state.step}: {state.nonfinite_in_a_row} updates in a "
-                            "row had NaN/inf loss or gradients (lower train.learning_rate?); "
-                            f"the last good checkpoint is in {run_dir / 'checkpoints'}")
+                            "row had NaN/inf loss or gradients and were skipped (train."
+                            f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.learning_rate? "
+                            f"The last good checkpoint is in {run_dir / 'checkpoints'}")
         if state.step % t.save_every == 0 or state.step == t.steps:
             ckpt.save_checkpoint(
                 run_dir, state.step, params=trainable(model), optimizer_state=optimizer.state,
                 teacher=teacher.params if teacher.mode == "ema" else None,
                 state={"nonfinite_in_a_row": state.nonfinite_in_a_row,
                        "skipped_updates": state.skipped_updates}, keep=t.keep_checkpoints)
+            tracker.save(state.step)
     if state.step >= t.steps:
         save_adapters(run_dir, model, cfg.model)
     return summarize(run_dir, state, encoder.skipped)

@@ -22,6 +22,9 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "seed": "train.seed", "batch_size": "train.batch_size", "lr": "train.learning_rate",
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code"}
+# How an error names a value the user set by flag (config key -> flag).
+FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
+    "objective.clip": "--clip"}
 
 
 def _clip_value(clip: Optional[str]):
@@ -53,16 +56,16 @@ def resolve_config(config: Optional[Path], flags: dict, resume: bool):
         if extra or config is not None:
             raise UserError("--resume continues the saved config; only --steps may change "
                             f"(got {', '.join(extra) or '--config'})")
-        return load_config(saved, overrides=overrides), None
+        return load_config(saved, overrides=overrides, flag_names=FLAG_NAMES), None
     preset, lab = {}, None
-    cfg = load_config(config, overrides=overrides)
+    cfg = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
     if cfg.model.path == "lab" or cfg.data.train == "lab":
         from aropd_mlx.lab.defaults import lab_preset, lab_settings_for
         from aropd_mlx.lab.setup import prepare_lab
 
         lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
         preset = lab_preset(lab, cfg)
-        cfg = load_config(config, overrides=overrides, base=preset)
+        cfg = load_config(config, overrides=overrides, base=preset, flag_names=FLAG_NAMES)
     return cfg, lab
 
 
@@ -134,6 +137,7 @@ def train_command(
 ):
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
     from aropd_mlx.data import load_examples
+    from aropd_mlx.checkpoint import check_run_dir, prepare_run_dir
     from aropd_mlx.models import Teacher, check_supported, load_student
     from aropd_mlx.trainer import train
 
@@ -142,6 +146,7 @@ def train_command(
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code)
     cfg, lab = resolve_config(config, flags, resume)
+    check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples = load_examples(cfg.data.train, need=need)
@@ -155,7 +160,7 @@ def train_command(
     if eval_examples and not no_eval and not resume:
         typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)
         before = _eval(student, tokenizer, cfg, eval_examples, lab)
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(cfg.out)
         (Path(cfg.out) / "eval_before.json").write_text(json.dumps(before, indent=2))
     elif resume and (Path(cfg.out) / "eval_before.json").is_file():
         before = json.loads((Path(cfg.out) / "eval_before.json").read_text())
@@ -170,7 +175,11 @@ def train_command(
         typer.echo("\n" + table(summary_rows(before, after)))
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"\n{summary['steps_done']} steps in {summary['train_seconds']:.0f}s "
-               f"(final loss {summary['final_loss']:.4f}); adapters in {cfg.out}")
+               f"(final loss {summary['final_loss'] or float('nan'):.4f}); adapters in {cfg.out}")
+    if summary.get("skipped_prompts") or summary.get("skipped_updates"):
+        typer.echo(f"note: skipped {summary.get('skipped_prompts', 0)} prompts longer than "
+                   f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} and "
+                   f"{summary.get('skipped_updates', 0)} updates with NaN/inf loss", err=True)
 
 
 @handles_errors

@@ -35,7 +35,7 @@ class ModelSettings:
     lora_scale: float = 20.0
     lora_dropout: float = 0.0
     lora_layers: int = -1  # how many of the last layers get adapters (-1: all)
-    lora_keys: tuple[str, ...] | None = None  # None: mlx-lm's default (attention projections)
+    lora_keys: tuple[str, ...] | None = None  # None: mlx-lm's default (every Linear in a layer)
     teacher: str = "frozen"  # frozen | ema | PATH
     ema_mixup: float = 0.01
     trust_remote_code: bool = False
@@ -138,6 +138,7 @@ def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) ->
     n_layers = len(model.layers) if settings.lora_layers < 0 else settings.lora_layers
     linear_to_lora_layers(model, n_layers, settings.lora_parameters(),
                           use_dora=settings.fine_tune_type == "dora")
+    model.eval()  # new LoRA layers start in training mode: dropout only inside the update
 
 
 def load_student(settings: ModelSettings, path: str | None = None, seed: int = 0):

@@ -131,7 +131,7 @@ class PromptEncoder:
         return Encoded(ex, prompts, oracle)
 
 
-def _draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int):
+def draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int):
     """Rows of (prompt per view, response): on-policy samples, or the oracle for SFT."""
     t = cfg.train
     if t.method == "sft":
@@ -172,6 +172,7 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
         return out.loss * out.weight * scale, out
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
+    model.train()  # dropout (if any) in the student's update only, not in rollouts or scoring
     for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size):
         (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
         grads = g if grads is None else tree_map_add(grads, g)
@@ -183,6 +184,7 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
         if tracker is not None:  # per-token signals by position and length (diagnostics.py)
             tracker.add(out.diagnostics, resp.mask[sl])
         loss_sum += loss.item()
+    model.eval()
     if cfg.train.grad_clip > 0:
         grads, norm = optim.clip_grad_norm(grads, cfg.train.grad_clip)
     else:
@@ -210,7 +212,7 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
     settings = replace(objective_for(cfg), lam=lam_at(cfg, step))
     pad_id = tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
-    rows, resp = _draw_responses(cfg, model, tokenizer, batch, step)
+    rows, resp = draw_responses(cfg, model, tokenizer, batch, step)
     t1 = time.perf_counter()
     views = METHOD_VIEWS[cfg.train.method]
     teacher_h = {}

@@ -21,11 +21,6 @@ def report_command(run_dirs: List[str] = typer.Argument(None)):
     _not_yet("report")
 
 
-def parity_command(model: Optional[str] = typer.Option(None)):
-    """MLX against the torch mirror on one batch."""
-    _not_yet("parity")
-
-
 def bench_command(what: str = typer.Argument("all")):
     """Benchmarks, ratios measured side by side in one run."""
     _not_yet("bench")

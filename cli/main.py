@@ -12,7 +12,7 @@ import typer
 
 from aropd_mlx import __version__
 
-from . import extra, train
+from . import extra, parity, train
 from .common import handles_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -37,7 +37,7 @@ app.command("train")(train.train_command)
 app.command("eval")(train.eval_command)
 app.command("compare")(extra.compare_command)
 app.command("report")(extra.report_command)
-app.command("parity")(extra.parity_command)
+app.command("parity")(parity.parity_command)
 app.command("bench")(extra.bench_command)
 
 
@@ -67,7 +67,30 @@ def main() -> None:
     from aropd_mlx.platform import ensure_fast_blas
 
     ensure_fast_blas()  # Linux: re-exec once with a fast BLAS preloaded (PLATFORM.md)
-    app()
+    no_args, usage, abort = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except no_args as e:  # `aropd-mlx` alone: the help, exit 0
+        typer.echo(e.ctx.get_help())
+        code = 0
+    except usage as e:  # a bad flag or value: one line, like every other input error
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        typer.echo(f"aropd-mlx: error: {e.format_message()}{hint}", err=True)
+        code = 2
+    except abort:
+        typer.echo("aropd-mlx: interrupted", err=True)
+        code = 130
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """Usage-error classes of the click that typer runs on (recent typer vendors its own)."""
+    try:
+        from typer._click import exceptions as ex
+    except ImportError:
+        from click import exceptions as ex
+    no_args = getattr(ex, "NoArgsIsHelpError", ())
+    return no_args, ex.UsageError, getattr(ex, "Abort", KeyboardInterrupt)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,8 @@ def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again
     """Build (or show) the lab's warm-started tiny model and data."""
     from aropd_mlx.lab.defaults import lab_settings_for
     from aropd_mlx.lab.setup import prepare_lab
-    from aropd_mlx.config import load_config
 
-    lab = prepare_lab(lab_settings_for(load_config()), rebuild=rebuild,
+    lab = prepare_lab(lab_settings_for(), rebuild=rebuild,
                       on_step=train._build_progress())
     typer.echo(f"lab model: {lab.model_path}\ntrain data: {lab.train_path}\neval data: {lab.eval_path}")
 

@@ -1,0 +1,54 @@
+"""The built-in lab end to end at a small size: build, evaluate before/after, summary, run dir."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from aropd_mlx.cli.main import app
+from aropd_mlx.lab.setup import LabSettings, prepare_lab
+
+SMALL = {"n_train": 64, "k_max": 3, "eval_ks": [2, 3], "n_eval_per_k": 4, "warm_steps": 4,
+         "warm_batch": 8, "spec": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1,
+                                   "intermediate": 64, "max_position": 256}}
+
+
+@pytest.fixture
+def small_lab(tmp_path, monkeypatch):
+    monkeypatch.setenv("AROPD_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AROPD_MLX_LAB", json.dumps(SMALL))
+    return tmp_path
+
+
+def test_default_train_runs_the_lab_end_to_end(small_lab):
+    out = small_lab / "run"
+    result = CliRunner().invoke(app, ["train", "--steps", "2", "--out", str(out),
+                                      "--batch-size", "2", "--group-size", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for when in ("eval_before", "eval_after"):
+        s = summary[when]
+        assert s["n"] == 8 and set(s["by_k"]) == {"2", "3"}
+        assert 0.0 <= s["accuracy"] <= 1.0 and "shortcut_rate" in s
+    assert (out / "adapters.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert "acc before" in result.output and "k=3" in result.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_lab_is_built_once_and_cached(small_lab):
+    from aropd_mlx.lab.defaults import lab_settings_for
+
+    settings = lab_settings_for()
+    assert settings.k_max == 3 and settings.spec.hidden == 32
+    lab = prepare_lab(settings)
+    stamp = (lab.model_path / "model.safetensors").stat().st_mtime_ns
+    again = prepare_lab(settings)
+    assert again.root == lab.root
+    assert (again.model_path / "model.safetensors").stat().st_mtime_ns == stamp
+    other = prepare_lab(LabSettings(**{**settings.__dict__, "seed": 1}))
+    assert other.root != lab.root  # a different setting is a different cache entry
+
+
+def test_bad_lab_override_is_one_line(small_lab, monkeypatch):
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"warm_stepz": 3}')
+    result = CliRunner().invoke(app, ["lab", "build"])
+    assert result.exit_code == 2 and "AROPD_MLX_LAB" in result.output

@@ -17,7 +17,8 @@ forward + backward.
 Evaluate the LossOutput fields and the gradients in one `mx.eval` (one sync point per step):
 an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's inputs.
 
-    python -c "from aropd_mlx.bench.objective import *; print(format_objective_bench(bench_objective(vocab=4096, seq=256)))"
+    python -c "from aropd_mlx.bench.objective import *; \
+               print(format_objective_bench(bench_objective(vocab=4096, seq=256)))"
 """
 
 from __future__ import annotations
@@ -84,28 +85,30 @@ _CHUNK_BODIES: dict[tuple, object] = {}
 def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
                 has_full: bool):
     """The compiled per-chunk function, cached per static setup so that equal shapes never
-    retrace. Inputs: h_s (C,H), tokens (C,), [h_t (C,H)], [h_f (C,H)], *head arrays.
-    Outputs: per-row loss (C,), diagnostics (K, C), per-row gradient dl_i/dh_i (C, H)."""
-    # only the fields the chunk math reads go into the key (reduction/skip/chunk do not)
-    settings = replace(settings, skip_first_tokens=0, reduction="sequence", chunk_size=1)
+    retrace. Inputs: h_s (C,H), tokens (C,), lam (), [h_t (C,H)], [h_f (C,H)], *head arrays.
+    Outputs: per-row loss (C,), diagnostics (K, C), per-row gradient dl_i/dh_i (C, H).
+    lam is an input, not a constant: a lam schedule must not compile a new body every step."""
+    # only the static fields the chunk math reads go into the key
+    settings = replace(settings, lam=0.0, skip_first_tokens=0, reduction="sequence", chunk_size=1)
     key = (settings, head_key, has_teacher, has_full)
     if key in _CHUNK_BODIES:
         return _CHUNK_BODIES[key]
 
-    def body(h_s, tokens, *rest):
+    def body(h_s, tokens, lam, *rest):
+        local = replace(settings, lam=lam)
         n_views = int(has_teacher) + int(has_full)
         views, head_arrays = rest[:n_views], rest[n_views:]
         teacher_logits = _project(views[0], head_arrays, head_key, True) if has_teacher else None
         full_logits = _project(views[1], head_arrays, head_key, True) if has_full else None
-        partial, full, target = obj.teacher_views(teacher_logits, full_logits, settings)
+        partial, full, target = obj.teacher_views(teacher_logits, full_logits, local)
         z = _project(h_s, head_arrays, head_key, True)  # (C, V) student logits
 
         def row_losses(logits):
-            return obj.token_losses(logits, tokens, target, settings)
+            return obj.token_losses(logits, tokens, target, local)
 
         (losses,), (dz,) = mx.vjp(row_losses, [z], [mx.ones(tokens.shape, mx.float32)])
         grad_h = _project(dz.astype(z.dtype), head_arrays, head_key, False)  # (C, H)
-        diags = obj.token_diagnostics(z, tokens, partial, full, target, settings)
+        diags = obj.token_diagnostics(z, tokens, partial, full, target, local)
         names = _diag_names(has_teacher, has_full)
         return losses, mx.stack([diags[n] for n in names]), grad_h.astype(mx.float32)
 
@@ -115,7 +118,7 @@ def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
 
 
 def _rows(x: mx.array, n_chunks: int, chunk: int) -> mx.array:
-    """Flatten (B, T, ...) to rows, zero-pad to n_chunks*chunk rows, split (n_chunks, chunk, ...)."""
+    """(B, T, ...) -> rows, zero-padded to n_chunks*chunk, split as (n_chunks, chunk, ...)."""
     flat = x.reshape(-1, *x.shape[2:])
     pad = n_chunks * chunk - flat.shape[0]
     if pad:
@@ -123,7 +126,7 @@ def _rows(x: mx.array, n_chunks: int, chunk: int) -> mx.array:
     return flat.reshape(n_chunks, chunk, *flat.shape[1:])
 
 
-def _run_chunks(body, student_h, tokens, views, head_arrays, chunk):
+def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):
     """Apply `body` chunk by chunk; returns per-row losses (N,), diagnostics (K, N) and
     per-row gradients (N, H). Each chunk's inputs depend on the previous chunk's outputs
     (mx.depends, no arithmetic) so a lazy eval walks the chunks in order, one at a time."""
@@ -135,7 +138,7 @@ def _run_chunks(body, student_h, tokens, views, head_arrays, chunk):
     losses, diags, grads = [], [], []
     previous = None
     for i in range(n_chunks):
-        inputs = [h_s[i], tok[i], *(v[i] for v in view_rows)]
+        inputs = [h_s[i], tok[i], lam, *(v[i] for v in view_rows)]
         if previous is not None:
             inputs = mx.depends(inputs, previous)
         out = body(*inputs, *head_arrays)
@@ -160,14 +163,19 @@ def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx
     if settings.loss_type != "nll" and teacher_h is None:
         raise ValueError(f"loss_type {settings.loss_type!r} needs teacher_h")
     batch, length = tokens.shape
+    names = _diag_names(teacher_h is not None, full_h is not None)
+    if batch * length == 0:  # nothing to score: zeros of the right shapes, loss 0, weight 0
+        zeros = mx.zeros((batch, length), mx.float32)
+        return obj.finish(zeros, {n: zeros for n in names}, mask, settings)
     views = [mx.stop_gradient(v) for v in (teacher_h, full_h) if v is not None]
     head_arrays = [mx.stop_gradient(a) for a in head.arrays()]
     body = _chunk_body(settings, head.static_key(), teacher_h is not None, full_h is not None)
     chunk = max(1, min(settings.chunk_size, batch * length))
+    lam = mx.array(settings.lam, dtype=mx.float32)
 
     @mx.custom_function
     def rows(h):
-        return _run_chunks(body, h, tokens, views, head_arrays, chunk)
+        return _run_chunks(body, h, tokens, lam, views, head_arrays, chunk)
 
     @rows.vjp
     def rows_vjp(primals, cotangents, outputs):
@@ -177,6 +185,5 @@ def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx
         return grad.reshape(student_h.shape).astype(student_h.dtype)
 
     per_row, diag_rows, _ = rows(student_h)
-    names = _diag_names(teacher_h is not None, full_h is not None)
     diags = {n: diag_rows[i].reshape(batch, length) for i, n in enumerate(names)}
     return obj.finish(per_row.reshape(batch, length), diags, mask, settings)

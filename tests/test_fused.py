@@ -1,0 +1,219 @@
+"""fused_loss (chunked, custom VJP, compiled) against naive_loss on materialized logits."""
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from aropd_mlx import fused, objective as obj
+from aropd_mlx.fused import OutputHead, fused_loss
+from aropd_mlx.objective import ObjectiveSettings, naive_loss
+
+
+def make(b=2, t=7, h=8, v=33, seed=0, scale=1.0, quantize=False):
+    r = np.random.default_rng(seed)
+    w = r.normal(size=(v, h)).astype(np.float32) * scale
+    if quantize:
+        head = OutputHead(*mx.quantize(mx.array(w), group_size=32, bits=4), group_size=32, bits=4)
+    else:
+        head = OutputHead(mx.array(w))
+    hs, ht, hf = (mx.array(r.normal(size=(b, t, h)).astype(np.float32)) for _ in range(3))
+    tok = mx.array(r.integers(0, v, size=(b, t)))
+    mask = np.ones((b, t), bool)
+    if b > 1:
+        mask[1, t // 2:] = False  # right padding
+    if b > 2:
+        mask[2, :] = False  # a fully masked row
+    return head, hs, ht, hf, tok, mx.array(mask)
+
+
+def both(head, hs, tok, mask, ht, hf, s):
+    """(naive, fused) outputs and gradients of the loss w.r.t. student_h."""
+    def run(kind):
+        def f(h):
+            if kind == "naive":
+                out = naive_loss(head(h), tok, mask, None if ht is None else head(ht),
+                                 None if hf is None else head(hf), settings=s)
+            else:
+                out = fused_loss(h, head, tok, mask, ht, hf, settings=s)
+            return out.loss, out
+        (_, out), g = mx.value_and_grad(f)(hs)
+        mx.eval(out.loss, out.per_token, out.diagnostics, g)
+        return out, g
+    return run("naive"), run("fused")
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6, nonzero=True):
+    (na, ga), (fu, gf) = a, b
+    tol = dict(rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.array(fu.loss), np.array(na.loss), **tol)
+    np.testing.assert_allclose(np.array(fu.weight), np.array(na.weight), **tol)
+    np.testing.assert_allclose(np.array(fu.per_token), np.array(na.per_token), **tol)
+    assert set(fu.diagnostics) == set(na.diagnostics)
+    for k in na.diagnostics:
+        np.testing.assert_allclose(np.array(fu.diagnostics[k]), np.array(na.diagnostics[k]),
+                                   err_msg=k, **tol)
+    # gradients are compared relative to their largest entry; below 1e-4 (saturated extreme
+    # logits) they are rounding noise of O(1) quantities and are compared absolutely
+    scale = max(float(mx.abs(ga).max()), 1e-4)
+    np.testing.assert_allclose(np.array(gf) / scale, np.array(ga) / scale, rtol=rtol, atol=atol)
+    if nonzero:  # (saturated extreme logits can have an exactly zero gradient)
+        assert float(mx.abs(ga).max()) > 0 or float(na.weight) == 0
+
+
+VIEWS = {"ar-opd": (True, True), "one-view": (True, False), "none": (False, False)}
+
+
+@pytest.mark.parametrize("loss_type,views", [(lt, v) for lt in obj.LOSS_TYPES for v in VIEWS
+                                             if lt == "nll" or v != "none"])
+def test_fused_equals_naive_for_every_loss_and_view(loss_type, views):
+    has_t, has_f = VIEWS[views]
+    head, hs, ht, hf, tok, mask = make(b=3)
+    s = ObjectiveSettings(loss_type=loss_type, chunk_size=5, alpha=0.4,
+                          student_temperature=1.3, teacher_temperature=0.7, skip_first_tokens=2)
+    assert_same(*both(head, hs, tok, mask, ht if has_t else None, hf if has_f else None, s))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 8, 64])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_fused_equals_naive_for_chunk_sizes(chunk, alpha, reduction):
+    head, hs, ht, hf, tok, mask = make(b=3, t=5)  # 15 rows: padded last chunks
+    s = ObjectiveSettings(chunk_size=chunk, alpha=alpha, reduction=reduction, clip=0.5)
+    assert_same(*both(head, hs, tok, mask, ht, hf, s))
+
+
+def test_fused_with_a_quantized_head():
+    head, hs, ht, hf, tok, mask = make(h=64, v=40, quantize=True)
+    assert head.quantized and head.weight.dtype == mx.uint32
+    s = ObjectiveSettings(chunk_size=4, alpha=0.5, skip_first_tokens=0)
+    assert_same(*both(head, hs, tok, mask, ht, hf, s))
+
+
+def test_fused_gradient_for_a_per_token_cotangent():
+    """The custom VJP serves any cotangent on per_token, not only the loss's."""
+    head, hs, ht, hf, tok, mask = make()
+    wts = mx.array(np.random.default_rng(3).normal(size=tok.shape).astype(np.float32))
+    s = ObjectiveSettings(chunk_size=4)
+
+    def naive(h):
+        return (naive_loss(head(h), tok, mask, head(ht), head(hf), settings=s).per_token
+                * wts).sum()
+
+    def fusd(h):
+        return (fused_loss(h, head, tok, mask, ht, hf, settings=s).per_token * wts).sum()
+
+    np.testing.assert_allclose(np.array(mx.grad(fusd)(hs)), np.array(mx.grad(naive)(hs)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_no_gradient_reaches_the_teacher_views():
+    head, hs, ht, hf, tok, mask = make()
+    s = ObjectiveSettings(chunk_size=4)
+    g = mx.grad(lambda t, f: fused_loss(hs, head, tok, mask, t, f, settings=s).loss,
+                argnums=(0, 1))(ht, hf)
+    assert all(float(mx.abs(x).max()) == 0 for x in g)
+
+
+def test_fused_under_an_outer_compile():
+    head, hs, ht, hf, tok, mask = make()
+    s = ObjectiveSettings(chunk_size=3)
+    step = mx.compile(mx.value_and_grad(
+        lambda h: fused_loss(h, head, tok, mask, ht, hf, settings=s).loss))
+    loss, g = step(hs)
+    (ref, _), (_, gref) = both(head, hs, tok, mask, ht, hf, s)
+    np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)
+    np.testing.assert_allclose(np.array(g), np.array(gref), rtol=1e-5, atol=1e-7)
+
+
+def test_same_shapes_do_not_retrace(monkeypatch):
+    traces = []
+    real = obj.token_losses
+    monkeypatch.setattr(obj, "token_losses", lambda *a: traces.append(1) or real(*a))
+    fused._CHUNK_BODIES.clear()
+    head, hs, ht, hf, tok, mask = make(b=2, t=6)
+    s = ObjectiveSettings(chunk_size=4, lam=0.77)  # 12 rows: 3 chunks, one shape
+    mx.eval(fused_loss(hs, head, tok, mask, ht, hf, settings=s).loss)
+    first = len(traces)
+    assert first > 0
+    runs = []
+    for t, lam in ((6, 0.5), (5, 1.2), (3, 0.0)):  # other lengths pad to the same chunk
+        args = (hs[:, :t], tok[:, :t], mask[:, :t], ht[:, :t], hf[:, :t])  # shape; lam (a
+        s2 = dataclasses.replace(s, reduction="token", skip_first_tokens=1, lam=lam)  # schedule)
+        out = fused_loss(args[0], head, *args[1:], settings=s2)  # is an input, not a constant
+        mx.eval(out.per_token)
+        runs.append((args, s2, out))
+    assert len(traces) == first and len(fused._CHUNK_BODIES) == 1
+    for (h2, t2, m2, p2, f2), s2, out in runs:
+        ref = naive_loss(head(h2), t2, m2, head(p2), head(f2), settings=s2)
+        np.testing.assert_allclose(np.array(out.per_token), np.array(ref.per_token), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_fused_on_an_empty_batch():
+    head, hs, ht, hf, tok, mask = make(b=2, t=0)
+    out = fused_loss(hs, head, tok, mask, ht, hf)
+    assert float(out.loss) == 0 and float(out.weight) == 0 and out.per_token.shape == (2, 0)
+
+
+def test_fused_rejects_missing_views():
+    head, hs, ht, hf, tok, mask = make()
+    with pytest.raises(ValueError, match="needs teacher_h"):
+        fused_loss(hs, head, tok, mask, None, hf)
+    with pytest.raises(ValueError, match="needs teacher_h"):
+        fused_loss(hs, head, tok, mask, settings=ObjectiveSettings(loss_type="sampled_kl"))
+
+
+def _peak(fn):
+    mx.eval(fn())  # warm up (compile)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    return mx.get_peak_memory() - base
+
+
+def test_peak_memory_does_not_grow_with_length():
+    """Loss, diagnostics and gradient evaluated together, as a trainer does."""
+    v, h, chunk = 2048, 16, 32
+    s = ObjectiveSettings(chunk_size=chunk)
+
+    def step(kind, t):
+        head, hs, ht, hf, tok, mask = make(b=1, t=t, h=h, v=v, seed=t)
+
+        def f(x):
+            out = (fused_loss(x, head, tok, mask, ht, hf, settings=s) if kind == "fused" else
+                   naive_loss(head(x), tok, mask, head(ht), head(hf), settings=s))
+            return out.loss, out.diagnostics
+        return lambda: mx.value_and_grad(f)(hs)
+
+    one_row = v * 4  # bytes of one fp32 row over the vocabulary
+    fused128, fused512 = _peak(step("fused", 128)), _peak(step("fused", 512))
+    naive512 = _peak(step("naive", 512))
+    assert fused512 < 1.2 * fused128  # bounded by the chunk, not by T
+    assert fused512 < 40 * chunk * one_row  # a few dozen (chunk, V) buffers at most
+    assert naive512 > 10 * 512 * one_row and fused512 < 0.15 * naive512
+
+
+@hsettings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 6), v=st.integers(2, 20), chunk=st.integers(1, 9),
+       scale=st.sampled_from([0.1, 1.0, 30.0]), loss_type=st.sampled_from(obj.LOSS_TYPES),
+       alpha=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 1000),
+       mask_bits=st.integers(0, 2 ** 18 - 1))
+def test_property_fused_equals_naive(b, t, v, chunk, scale, loss_type, alpha, seed, mask_bits):
+    head, hs, ht, hf, tok, _ = make(b=b, t=t, h=4, v=v, seed=seed, scale=scale)
+    bits = [(mask_bits >> i) & 1 for i in range(b * t)]
+    mask = mx.array(np.array(bits, bool).reshape(b, t))
+    s = ObjectiveSettings(chunk_size=chunk, loss_type=loss_type, alpha=alpha, skip_first_tokens=1)
+    # extreme logits: compare with a tolerance relative to the largest value in play
+    assert_same(*both(head, hs, tok, mask, ht, hf, s), rtol=1e-5, atol=1e-5 * max(1.0, scale),
+                nonzero=False)
+
+
+def test_bench_runs_small_and_formats():
+    from aropd_mlx.bench.objective import bench_objective, format_objective_bench
+    r = bench_objective(vocab=512, hidden=16, seq=48, chunk_size=16, repeats=0)
+    assert r["chunk_size"] == 16 and r["fused_peak_extra_bytes"] < r["naive_peak_extra_bytes"]
+    text = format_objective_bench(r)
+    assert "fused/naive" in text and "V=512" in text

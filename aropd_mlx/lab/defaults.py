@@ -14,12 +14,12 @@ from aropd_mlx.lab.tiny import TinySpec
 
 LAB_TRAIN = {
     "train.method": "ar-opd",
-    "train.steps": 150,
+    "train.steps": 100,
     "train.batch_size": 8,
-    "train.learning_rate": 1e-4,
+    "train.learning_rate": 3e-5,
     "train.save_every": 50,
     "rollout.group_size": 4,
-    "rollout.temperature": 1.0,
+    "rollout.temperature": 0.6,  # at 1.0 the warm start's rollouts are mostly noise
     "model.lora_rank": 8,
     "model.lora_scale": 20.0,
     "out": "runs/lab",

@@ -30,16 +30,16 @@ from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 class LabSettings:
     seed: int = 0
     k_min: int = 1  # operations per problem (the length dial)
-    k_max: int = 6
+    k_max: int = 8
     n_train: int = 20000  # problems in the prompt pool (warm start and distillation)
-    eval_ks: tuple[int, ...] = (2, 4, 6)
+    eval_ks: tuple[int, ...] = (2, 4, 6, 8)
     n_eval_per_k: int = 64
     spec: TinySpec = field(default_factory=lambda: TinySpec(
         hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512))
     warm_steps: int = 1000
     warm_batch: int = 32
     warm_lr: float = 3e-3
-    warm_view_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    warm_view_mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
     def key(self) -> str:
         blob = json.dumps({"v": __version__, **asdict(self)}, sort_keys=True, default=str)

@@ -52,3 +52,24 @@ def test_bad_lab_override_is_one_line(small_lab, monkeypatch):
     monkeypatch.setenv("AROPD_MLX_LAB", '{"warm_stepz": 3}')
     result = CliRunner().invoke(app, ["lab", "build"])
     assert result.exit_code == 2 and "AROPD_MLX_LAB" in result.output
+
+
+def test_teacher_uses_its_privileged_context(tmp_path):
+    """After a short warm start the oracle trace is clearly more likely under the partial and
+    full views than under the student view: the self-teacher reads its privileged context."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.lab.setup import view_logprobs, view_overrides
+    from aropd_mlx.lab.tiny import TinySpec
+    from aropd_mlx.models import ModelSettings, load_student
+
+    settings = LabSettings(n_train=2000, k_max=3, eval_ks=(3,), n_eval_per_k=16, warm_steps=150,
+                           warm_batch=32, warm_view_mix=(0.2, 0.2, 0.6),
+                           spec=TinySpec(hidden=64, layers=2, heads=4, kv_heads=4,
+                                         intermediate=128, max_position=256))
+    lab = prepare_lab(settings, root=tmp_path / "lab")
+    model, tok = load_student(ModelSettings(path=str(lab.model_path)))
+    views = load_config(overrides=view_overrides(3)).views
+    lp = view_logprobs(model, tok, load_examples(str(lab.eval_path)), views)
+    assert lp["full"] > lp["student"] + 0.2  # measured: +0.6 nats per token
+    assert lp["partial"] > lp["student"] + 0.1

@@ -159,5 +159,29 @@ def prepare_lab(settings: LabSettings = LabSettings(), *, rebuild: bool = False,
     return lab
 
 
+def view_logprobs(model, tokenizer, examples, views) -> dict[str, float]:
+    """Mean per-token log-prob of each example's oracle response under each view: the evidence
+    that the teacher uses its privileged context (full > partial > student when it does)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from aropd_mlx.models import head_from_model
+    from aropd_mlx.scoring import response_hidden
+    from aropd_mlx.views import encode_response, encode_views, render_views
+
+    head, sums = head_from_model(model), {}
+    for ex in examples:
+        prompts = encode_views(tokenizer, render_views(ex, views), views)
+        resp = encode_response(tokenizer, views.response_template.format(
+            solution=ex.solution, answer=ex.answer))
+        for name, prompt in prompts.items():
+            h = response_hidden(model, [prompt], np.array([resp], dtype=np.int32), [len(resp)])
+            logits = head(h)[0]
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            picked = mx.take_along_axis(lp, mx.array(resp)[:, None], axis=-1)
+            sums.setdefault(name, []).append(float(picked.mean()))
+    return {name: float(np.mean(v)) for name, v in sums.items()}
+
+
 def to_examples(records: list[dict]) -> list[Example]:
     return [Example(**r) for r in records]

@@ -122,7 +122,7 @@ def normalize(answer: str) -> str:
     '$', '%', degrees and a trailing period go; '\\frac{a}{b}', 'a/b' and decimals become one
     rational ('0.5' == '1/2' == '\\frac12'); thousands commas go ('1,234' == '1234') but a
     tuple's commas stay; 'x = 5' becomes '5'; anything else is lower-cased without spaces."""
-    a = answer.strip()
+    a = answer.strip().replace("\u2212", "-")  # a typeset minus sign
     inner = boxed_contents(a)
     a = inner[-1] if inner else a
     a = _WRAPPERS.sub(r"\1", a)

@@ -12,7 +12,7 @@ import typer
 
 from aropd_mlx import __version__
 
-from . import extra, parity, train
+from . import bench, compare, parity, report, train
 from .common import handles_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -35,10 +35,10 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 
 app.command("train")(train.train_command)
 app.command("eval")(train.eval_command)
-app.command("compare")(extra.compare_command)
-app.command("report")(extra.report_command)
+app.command("compare")(compare.compare_command)
+app.command("report")(report.report_command)
 app.command("parity")(parity.parity_command)
-app.command("bench")(extra.bench_command)
+app.command("bench")(bench.bench_command)
 
 
 @app.command("doctor")

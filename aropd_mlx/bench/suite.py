@@ -1,0 +1,167 @@
+"""`aropd-mlx bench`: run the benchmarks, compare each result with its goal, write JSON.
+
+    aropd-mlx bench                 # all, default sizes (minutes each on 2 cores)
+    aropd-mlx bench scoring --quick --json out.json
+    python -c "from aropd_mlx.bench.suite import run_suite; run_suite(['rollout'], quick=True)"
+
+Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, time split),
+step (full-step MFU on the 56M llama), objective (fused vs naive loss, owned by
+aropd_mlx.bench.objective), peer (opd vs TRL on torch CPU). Every ratio is measured inside one
+run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer")
+
+# (model, sizes) per benchmark: the default run and the --quick smoke run
+SIZES = {
+    "rollout": {"default": [("lab", dict(rows=32, max_new_tokens=80, repeats=3)),
+                            ("56m", dict(rows=8, max_new_tokens=64, repeats=2))],
+                "quick": [("lab", dict(rows=4, max_new_tokens=8, repeats=1))]},
+    "scoring": {"default": [("lab", dict(batch=8, group=4, max_new_tokens=80, repeats=3)),
+                            ("56m", dict(batch=4, group=2, max_new_tokens=64, repeats=2))],
+                "quick": [("lab", dict(batch=2, group=1, max_new_tokens=8, repeats=1))]},
+    "step": {"default": [("56m", dict(batch=4, group=2, max_new_tokens=64, steps=2))],
+             "quick": [("lab", dict(batch=2, group=1, max_new_tokens=8, steps=1))]},
+    "objective": {"default": [(None, dict(vocab=151936, hidden=896, seq=1024, repeats=1))],
+                  "quick": [(None, dict(vocab=4096, hidden=64, seq=128, repeats=1))]},
+    "peer": {"default": [("lab", dict(rows=16, max_new_tokens=80, steps=2)),
+                         ("56m", dict(rows=8, max_new_tokens=32, steps=1))],
+             "quick": [("lab", dict(rows=2, max_new_tokens=8, steps=1))]},
+}
+
+
+def _goal(rows, bench, model, measure, value, goal, ok, unit="x"):
+    shown = "-" if value is None else (f"{100 * value:.1f}%" if unit == "%" else f"{value:.2f}x")
+    rows.append({"benchmark": bench, "model": model or "-", "measure": measure, "result": shown,
+                 "goal": goal, "met": "-" if value is None or goal == "-" else
+                 ("yes" if ok(value) else "NO")})
+
+
+def goal_rows(bench: str, r: dict) -> list[dict]:
+    """Table rows (benchmark, model, measure, result, goal, met) for one result."""
+    rows: list[dict] = []
+    m = r.get("model")
+    if "skipped" in r and bench != "peer":
+        rows.append({"benchmark": bench, "model": m or "-", "measure": r["skipped"],
+                     "result": "-", "goal": "-", "met": "-"})
+    elif bench == "rollout":
+        _goal(rows, bench, m, "sample / batch_generate tok/s", r["speedup"], ">= 1.0x", lambda v: v >= 1.0)
+    elif bench == "scoring":
+        _goal(rows, bench, m, "AR-OPD / OPD scoring time", r["scoring_ratio"], "-", lambda v: True)
+        _goal(rows, bench, m, "AR-OPD / OPD step time", r["step_ratio"], "<= 1.25x", lambda v: v <= 1.25)
+        _goal(rows, bench, m, "AR-OPD / OPD useful FLOPs", r["flop_ratio"], "-", lambda v: True)
+    elif bench == "step":
+        _goal(rows, bench, m, f"MFU of GEMM peak ({r['method']}, {r['fine_tune']})", r["mfu"],
+              ">= 60%", lambda v: v >= 0.6, unit="%")
+    elif bench == "objective":
+        _goal(rows, bench, f"V={r['vocab']}", "fused / naive peak memory", r["memory_ratio"],
+              "<= 0.1x", lambda v: v <= 0.1)
+        _goal(rows, bench, f"V={r['vocab']}", "fused / naive time", r["time_ratio"], "<= 1.3x",
+              lambda v: v <= 1.3)
+    elif bench == "peer":
+        if "skipped" in r:
+            rows.append({"benchmark": bench, "model": m, "measure": r["skipped"], "result": "-",
+                         "goal": "-", "met": "-"})
+        for name, sp in r.get("speedups", {}).items():
+            goal, need = ((">= 1.2x", 1.2) if name.endswith("tuned") else (">= 3x", 3.0))
+            _goal(rows, bench, m, f"opd speed vs {name}", sp, goal, lambda v, n=need: v >= n)
+    return rows
+
+
+def _runner(bench: str) -> tuple[Callable, Callable]:
+    if bench == "rollout":
+        from aropd_mlx.bench.rollout import bench_rollout, format_rollout
+        return bench_rollout, format_rollout
+    if bench == "scoring":
+        from aropd_mlx.bench.step import bench_step, format_step
+        return bench_step, format_step
+    if bench == "step":
+        from aropd_mlx.bench.step import bench_mfu, format_mfu
+        return bench_mfu, format_mfu
+    if bench == "peer":
+        from aropd_mlx.bench.peer import bench_peer, format_peer
+        return bench_peer, format_peer
+    try:
+        from aropd_mlx.bench.objective import bench_objective, format_objective_bench
+    except ImportError as e:
+        note = f"aropd_mlx.bench.objective unavailable ({e}): skipped"
+        return (lambda **kw: {"skipped": note, **kw}), (lambda r: f"objective: {r['skipped']}")
+    return bench_objective, format_objective_bench
+
+
+def machine_info() -> dict:
+    from aropd_mlx.bench.common import blas_line
+
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "blas": blas_line(),
+            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    for dist in ("mlx", "mlx-lm", "torch", "transformers", "trl"):
+        try:
+            from importlib.metadata import version
+
+            info[dist] = version(dist)
+        except Exception:  # noqa: BLE001 - optional packages
+            info[dist] = None
+    return info
+
+
+def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None = None,
+              install: bool = True, echo: Callable[[str], None] = print,
+              sizes: dict | None = None) -> dict:
+    """Run the named benchmarks; returns {"machine", "results", "table"} (JSON-ready)."""
+    out = {"machine": machine_info(), "size": "quick" if quick else "default",
+           "results": {}, "table": []}
+    for bench in which:
+        fn, fmt = _runner(bench)
+        plan = (sizes or {}).get(bench) or SIZES[bench]["quick" if quick else "default"]
+        for model, kwargs in plan:
+            if models and model is not None and model not in models:
+                continue
+            args = dict(kwargs)
+            if model is not None:
+                args["model_name"] = model
+            if bench == "peer":
+                args["install"] = install
+            echo(f"== {bench}" + (f" [{model}]" if model else "") + " ...")
+            t0 = time.perf_counter()
+            result = fn(**args)
+            result["wall_seconds"] = time.perf_counter() - t0
+            echo(fmt(result))
+            key = bench + (f"/{model}" if model else "")
+            out["results"][key] = result
+            out["table"].extend(goal_rows(bench, {**result, "model": model}))
+    if hasattr(os, "getloadavg"):
+        out["machine"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_jsonable))
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+if __name__ == "__main__":  # python -m aropd_mlx.bench.suite [names...]
+    names = [a for a in sys.argv[1:] if not a.startswith("-")] or list(BENCHMARKS)
+    res = run_suite(names, quick="--quick" in sys.argv)
+    from aropd_mlx.cli.common import table
+
+    print(table(res["table"]))

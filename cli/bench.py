@@ -1,0 +1,50 @@
+"""`aropd-mlx bench`: benchmarks with ratios measured side by side in one run.
+
+    aropd-mlx bench                          # everything at default size (a few minutes each)
+    aropd-mlx bench rollout --quick          # seconds: a smoke run at tiny sizes
+    aropd-mlx bench peer --model lab --json runs/bench.json
+Results and goals: docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from aropd_mlx.errors import UserError
+
+from .common import handles_errors, table
+
+CHOICES = ("rollout", "scoring", "step", "objective", "peer", "all")
+
+
+@handles_errors
+def bench_command(
+    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | all"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here (JSON)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke run in seconds."),
+    model: Optional[List[str]] = typer.Option(None, "--model",
+                                              help="Only these bench models (lab, 56m); repeatable."),
+    no_install: bool = typer.Option(False, "--no-install",
+                                    help="peer: skip TRL when missing instead of pip-installing it."),
+):
+    """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer."""
+    from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
+
+    if what not in CHOICES:
+        raise UserError(f"bench: unknown benchmark {what!r} (choose from {', '.join(CHOICES)})")
+    for m in model or []:
+        if m not in ("lab", "56m"):
+            raise UserError(f"--model must be lab or 56m, got {m!r}")
+    which = list(BENCHMARKS) if what == "all" else [what]
+    result = run_suite(which, quick=quick, models=list(model) if model else None,
+                       install=not no_install, echo=typer.echo)
+    typer.echo("")
+    typer.echo(table(result["table"], ["benchmark", "model", "measure", "result", "goal", "met"]))
+    m = result["machine"]
+    typer.echo(f"\nBLAS: {m['blas']}; load average {m.get('loadavg_start')} -> "
+               f"{m.get('loadavg_end')} on {m['cpus']} CPUs")
+    if json_out:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")

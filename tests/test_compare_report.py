@@ -1,0 +1,203 @@
+"""compare.py (planning, statistics, a tiny end-to-end run) and report.py (PNGs, markdown)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from aropd_mlx.compare import CompareSettings, compare, plan, run_metrics
+from aropd_mlx.errors import UserError
+from aropd_mlx.stats import format_ci, mean_ci, paired_deltas, t_cdf, t_quantile
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("df,q", [(1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (4, 2.7764451),
+                                  (9, 2.2621572), (29, 2.0452296)])
+def test_t_quantile_matches_tables(df, q):
+    assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-6)
+    assert t_quantile(0.025, df) == pytest.approx(-q, abs=1e-6)
+
+
+def test_t_closed_forms():
+    # df = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; df = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    for t in (-3.0, -0.5, 0.0, 0.7, 5.0):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    p = 0.975
+    assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), abs=1e-9)
+    assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-9)
+    with pytest.raises(ValueError):
+        t_cdf(1.0, 0)
+
+
+def test_mean_ci_by_hand_and_single_seed():
+    ci = mean_ci([0.5, 0.7, 0.6])
+    assert ci["mean"] == pytest.approx(0.6) and ci["std"] == pytest.approx(0.1)
+    assert ci["half_width"] == pytest.approx(4.3026527 * 0.1 / math.sqrt(3), abs=1e-6)
+    one = mean_ci([0.42])
+    assert one["mean"] == 0.42 and one["half_width"] is None and one["low"] is None
+    assert format_ci(one) == "0.420 ± n/a" and format_ci(mean_ci([])) == "-"
+    assert format_ci(ci) == f"0.600 ± {ci['half_width']:.3f}"
+
+
+def test_paired_deltas():
+    d = paired_deltas({0: 0.8, 1: 0.9, 2: 0.7}, {0: 0.5, 1: 0.7, 2: 0.6})
+    assert d["mean"] == pytest.approx(0.2) and d["n"] == 3
+    base = paired_deltas({0: 0.8, 1: 0.9}, {0: 0.5})  # a deterministic side broadcasts
+    assert base["mean"] == pytest.approx(0.35) and base["n"] == 2
+    assert paired_deltas({0: 0.8, 1: 0.8}, {0: 0.5, 1: 0.5})["half_width"] == 0.0
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_plan_names_and_sweeps():
+    names = [v.name for v in plan(CompareSettings())]
+    assert names == ["base", "sft", "opd", "partial-opd", "full-opd", "ar-opd"]
+    sweep = plan(CompareSettings(methods=("partial-opd", "ar-opd"), lams=(0.6, 1.2),
+                                 partial_ratios=(0.25, 0.5)))
+    assert [v.name for v in sweep] == ["partial-opd ρ=0.25", "partial-opd ρ=0.5",
+                                       "ar-opd λ=0.6 ρ=0.25", "ar-opd λ=1.2 ρ=0.25",
+                                       "ar-opd λ=0.6 ρ=0.5", "ar-opd λ=1.2 ρ=0.5"]
+    assert sweep[2].slug == "ar-opd_lam0.6_ratio0.25"
+    with pytest.raises(UserError):
+        CompareSettings(methods=("dpo",)).validate()
+    with pytest.raises(UserError):
+        CompareSettings(partial_ratios=(1.5,)).validate()
+
+
+def test_run_metrics_takes_the_largest_k():
+    s = {"accuracy": 0.5, "by_k": {"4": {"accuracy": 0.9}, "12": {"accuracy": 0.1,
+                                                                  "all_steps_correct_rate": 0.05}}}
+    m = run_metrics(s)
+    assert m["long_accuracy"] == 0.1 and m["long_all_steps_correct_rate"] == 0.05
+    by_length = {"accuracy": 1.0, "by_length": {"<=256": {"accuracy": 0.3}}}
+    assert run_metrics(by_length)["long_accuracy"] == 0.3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_lab(tmp_path_factory):
+    import os
+
+    from aropd_mlx.lab.setup import LabSettings, prepare_lab
+    from aropd_mlx.lab.tiny import TinySpec
+
+    root = tmp_path_factory.mktemp("lab")
+    old = os.environ.get("AROPD_MLX_CACHE")
+    os.environ["AROPD_MLX_CACHE"] = str(root / "cache")  # nothing may touch the user's cache
+    try:
+        settings = LabSettings(k_min=1, k_max=3, n_train=24, eval_ks=(2, 3), n_eval_per_k=3,
+                               spec=TinySpec(hidden=32, layers=1, heads=2, kv_heads=1,
+                                             intermediate=64, max_position=256),
+                               warm_steps=2, warm_batch=8)
+        yield prepare_lab(settings, root=root / "lab")
+    finally:
+        if old is None:
+            os.environ.pop("AROPD_MLX_CACHE", None)
+        else:
+            os.environ["AROPD_MLX_CACHE"] = old
+
+
+def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
+    from aropd_mlx.report import report
+
+    out = tmp_path / "cmp"
+    settings = CompareSettings(seeds=2, steps=2, out=str(out),
+                               overrides={"train.batch_size": 2, "rollout.group_size": 2})
+    events = []
+    result = compare(settings, lab=tiny_lab, on_event=events.append)
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["base", "sft", "opd", "partial-opd", "full-opd", "ar-opd"]
+    assert len(result["runs"]) == 1 + 5 * 2 and any("ar-opd seed 1" in e for e in events)
+    ar = result["variants"][-1]
+    assert ar["stats"]["accuracy"]["n"] == 2 and set(ar["deltas"]) == {"full-opd", "sft", "partial-opd", "base"}
+    assert set(ar["by_k"]) == {"2", "3"}
+    base = result["variants"][0]
+    assert base["stats"]["accuracy"]["half_width"] is None  # one deterministic evaluation
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["variants"] == json.loads(json.dumps(result["variants"]))
+    md = (out / "compare.md").read_text()
+    assert "| ar-opd | 2 |" in md and "Δacc vs full-opd" in md and "by k" in md
+    run = out / saved["runs"][-1]["run_dir"]
+    assert (run / "diagnostics.json").is_file() and (run / "adapters.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["eval_after"]["n"] == 6
+
+    # a second call reuses the finished runs (no training: same numbers, no new steps)
+    again = compare(settings, lab=tiny_lab)
+    assert again["variants"] == result["variants"]
+
+    written = report([out], tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy_by_k.png", "diagnostics_by_position.png", "training_curves.png"]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def _synthetic_run(d, method="ar-opd", seed=0, long=False):
+    from aropd_mlx.diagnostics import RunDiagnostics
+
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(1, 31):
+            line = {"step": s, "loss": 1 / s + rng.random() * 0.05, "kl_student_target": 0.5 / s,
+                    "shortcut_rate": 0.2 - s / 300}
+            f.write(json.dumps(line) + "\n")
+    by_k = {"4": {"n": 4, "accuracy": 0.75, "all_steps_correct_rate": 0.5},
+            "8": {"n": 4, "accuracy": 0.25, "all_steps_correct_rate": 0.0}}
+    by_length = {"<=256": {"n": 6, "accuracy": 0.6}, "256-512": {"n": 2, "accuracy": 0.2}}
+    ev = {"n": 8, "accuracy": 0.5, "by_k": by_k, "by_length": by_length}
+    before = {**ev, "by_k": {"4": {"accuracy": 0.5}}}
+    summary = {"method": method, "eval_after": ev, "eval_before": before}
+    (d / "summary.json").write_text(json.dumps(summary))
+    diag = RunDiagnostics(d)
+    width = 300 if long else 40
+    mask = np.ones((3, width))
+    mask[1, 20:] = 0
+    mask[2, 40:] = 0
+    t = np.arange(width)[None, :] / 40.0
+    diag.add({"kl_full_partial": np.repeat(t, 3, 0), "kl_student_target": np.repeat(1 - t, 3, 0),
+              "kl_student_partial": np.repeat(t + 0.5, 3, 0), "kl_student_full": np.repeat(t, 3, 0),
+              "clip_rate": np.repeat(t / 10, 3, 0)}, mask)
+    diag.save(30)
+
+
+def test_report_from_synthetic_runs(tmp_path):
+    from aropd_mlx.report import report
+
+    _synthetic_run(tmp_path / "ar-opd" / "seed0")
+    _synthetic_run(tmp_path / "ar-opd" / "seed1", seed=1)
+    _synthetic_run(tmp_path / "full-opd", method="full-opd", seed=2, long=True)
+    written = report([tmp_path / "ar-opd" / "seed0", tmp_path / "ar-opd" / "seed1",
+                      tmp_path / "full-opd"], tmp_path / "plots")
+    assert sorted(p.name for p in written) == [
+        "accuracy_by_k.png", "accuracy_by_length.png", "diagnostics_by_length.png",
+        "diagnostics_by_position.png", "shortcuts_over_training.png", "training_curves.png"]
+    for p in written:
+        assert p.stat().st_size > 5000
+    with pytest.raises(UserError):
+        report([tmp_path / "nothing-here"])
+
+
+def test_cli_report_and_compare_errors(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from aropd_mlx.cli.compare import compare_command
+    from aropd_mlx.cli.report import report_command
+
+    _synthetic_run(tmp_path / "run")
+    app = typer.Typer()
+    app.command("report")(report_command)
+    app.command("compare")(compare_command)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "plots" / "training_curves.png").is_file()
+    bad = CliRunner().invoke(app, ["compare", "--methods", "base,dpo"])
+    assert bad.exit_code == 2 and "unknown method 'dpo'" in bad.output
+    bad = CliRunner().invoke(app, ["compare", "--lams", "0.6,x"])
+    assert bad.exit_code == 2 and "--lams" in bad.output

@@ -66,7 +66,18 @@ def resolve_config(config: Optional[Path], flags: dict, resume: bool):
         lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
         preset = lab_preset(lab, cfg)
         cfg = load_config(config, overrides=overrides, base=preset, flag_names=FLAG_NAMES)
+        cfg = _lab_paths(cfg, lab)
     return cfg, lab
+
+
+def _lab_paths(cfg, lab):
+    """A config file may say `lab` for the model or the data (examples/configs/lab.yaml)."""
+    from aropd_mlx.config import with_overrides
+
+    data = {k: str(p) for k, p in (("train", lab.train_path), ("eval", lab.eval_path))
+            if getattr(cfg.data, k) == "lab"}
+    model = {"path": str(lab.model_path)} if cfg.model.path == "lab" else {}
+    return with_overrides(cfg, data=data, model=model)
 
 
 def _build_progress():

@@ -73,3 +73,19 @@ def test_teacher_uses_its_privileged_context(tmp_path):
     lp = view_logprobs(model, tok, load_examples(str(lab.eval_path)), views)
     assert lp["full"] > lp["student"] + 0.2  # measured: +0.6 nats per token
     assert lp["partial"] > lp["student"] + 0.1
+
+
+def test_examples_lab_yaml_is_the_default_run(tmp_path):
+    """examples/configs/lab.yaml spells out exactly what `aropd-mlx train` alone runs."""
+    from pathlib import Path
+
+    from aropd_mlx.cli.train import _lab_paths
+    from aropd_mlx.config import load_config, to_dict
+    from aropd_mlx.lab.defaults import LAB_TRAIN
+    from aropd_mlx.lab.setup import Lab
+
+    lab = Lab(LabSettings(), tmp_path)
+    default = load_config(base={**LAB_TRAIN, **lab.overrides()})
+    yaml_path = Path(__file__).parents[1] / "examples" / "configs" / "lab.yaml"
+    spelled = _lab_paths(load_config(yaml_path), lab)
+    assert to_dict(spelled) == to_dict(default)

@@ -128,3 +128,18 @@ def test_response_hidden_matches_the_model_logits(tiny_qwen2, tmp_path):
 def test_method_views_cover_every_method():
     assert set(METHOD_VIEWS) == set(METHODS)
     assert METHOD_VIEWS["ar-opd"] == ("partial", "full")
+
+
+def test_quantized_base_trains_with_a_quantized_head(tiny_llama, tmp_path):
+    """A 4-bit base from mlx-lm's own converter: LoRA on quantized layers, quantized head."""
+    from mlx_lm import convert
+
+    qpath = tmp_path / "q4"
+    convert(str(tiny_llama), str(qpath), quantize=True, q_group_size=32, q_bits=4)
+    cfg = tiny_config(qpath, tmp_path / "run", **{"train.method": "ar-opd"})
+    model, tok = load_student(cfg.model)
+    assert head_from_model(model).quantized
+    before = {k: np.array(v) for k, v in trainable(model).items()}
+    summary = train(cfg, model, tok, lab_examples(), teacher=Teacher.create(model, tok, cfg.model))
+    assert summary["steps_done"] == 3 and np.isfinite(summary["final_loss"])
+    assert any(not np.array_equal(before[k], np.array(v)) for k, v in trainable(model).items())

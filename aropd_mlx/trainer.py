@@ -27,6 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from aropd_mlx import checkpoint as ckpt
+from aropd_mlx import distributed as dist
 from aropd_mlx.config import RunConfig, save_config, to_dict
 from aropd_mlx.data import Example, batch_at
 from aropd_mlx.diagnostics import RunDiagnostics
@@ -131,11 +132,12 @@ class PromptEncoder:
         return Encoded(ex, prompts, oracle)
 
 
-def draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int):
-    """Rows of (prompt per view, response): on-policy samples, or the oracle for SFT."""
-    t = cfg.train
+def draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int, rank: int = 0):
+    """Rows of (prompt per view, response): on-policy samples, or the oracle for SFT.
+    `rank` salts the seeds (distributed.rank_salt; rank 0 keeps a plain run's seeds)."""
+    t, salt = cfg.train, dist.rank_salt(rank)
     if t.method == "sft":
-        rng = np.random.default_rng(step_seed(t.seed, step, 1))
+        rng = np.random.default_rng(step_seed(t.seed, step, 1 + salt))
         mix = np.array(t.sft_view_mix) / sum(t.sft_view_mix)
         names = ["student", "partial", "full"]
         student = [e.prompts[names[rng.choice(3, p=mix)]] for e in batch]
@@ -144,7 +146,7 @@ def draw_responses(cfg, model, tokenizer, batch: list[Encoded], step: int):
         return {"student": student}, resp
     g = cfg.rollout.group_size
     resp = sample(model, tokenizer, [e.prompts["student"] for e in batch], cfg.rollout,
-                  seed=step_seed(t.seed, step, 2))
+                  seed=step_seed(t.seed, step, 2 + salt))
     rows = {name: [e.prompts[name] for e in batch for _ in range(g)] for name in batch[0].prompts}
     return rows, resp
 
@@ -155,12 +157,18 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 
 
 def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id,
-            tracker: RunDiagnostics | None = None):
-    """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW."""
+            tracker: RunDiagnostics | None = None, world: dist.World | None = None):
+    """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW.
+
+    With several ranks (`world`) each holds a shard of the batch: the weight total, the
+    gradients and the loss/diagnostic sums are summed over ranks, so every rank applies the
+    update a single rank would make on the whole batch."""
+    world = world or dist.World()
     head = head_from_model(model)
     tokens_np = np.array(resp.tokens)
     eff = response_mask(resp.mask, settings.skip_first_tokens)
     total_w = float((eff.sum(axis=1) > 0).sum() if settings.reduction == "sequence" else eff.sum())
+    total_w = world.sum_floats([total_w])[0]  # the GLOBAL weight: summed grads need no division
     views = METHOD_VIEWS[cfg.train.method]
     grads, loss_sum, diag_sums = None, 0.0, {}
 
@@ -185,6 +193,14 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
             tracker.add(out.diagnostics, resp.mask[sl])
         loss_sum += loss.item()
     model.eval()
+    if world.distributed:
+        t_reduce = time.perf_counter()
+        grads = world.sum_tree(grads)
+        keys = sorted(diag_sums)
+        summed = world.sum_floats([loss_sum] + [float(diag_sums[k]) for k in keys])
+        loss_sum, diag_sums = summed[0], dict(zip(keys, summed[1:]))
+        mx.eval(grads)
+        world.last_reduce_s = time.perf_counter() - t_reduce
     if cfg.train.grad_clip > 0:
         grads, norm = optim.clip_grad_norm(grads, cfg.train.grad_clip)
     else:
@@ -206,13 +222,16 @@ def tree_map_add(a, b):
 
 
 def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
-             batch: list[Encoded], step: int, tracker: RunDiagnostics | None = None) -> dict:
-    """One training step; returns its metrics line (host floats only)."""
-    mx.random.seed(step_seed(cfg.train.seed, step))  # dropout and anything else random
+             batch: list[Encoded], step: int, tracker: RunDiagnostics | None = None,
+             world: dist.World | None = None) -> dict:
+    """One training step; returns its metrics line (host floats only). With several ranks
+    `batch` is this rank's shard and the metrics are those of the whole global batch."""
+    world = world or dist.World()
+    mx.random.seed(step_seed(cfg.train.seed, step, dist.rank_salt(world.rank)))  # dropout etc.
     settings = replace(objective_for(cfg), lam=lam_at(cfg, step))
     pad_id = tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
-    rows, resp = draw_responses(cfg, model, tokenizer, batch, step)
+    rows, resp = draw_responses(cfg, model, tokenizer, batch, step, world.rank)
     t1 = time.perf_counter()
     views = METHOD_VIEWS[cfg.train.method]
     teacher_h = {}
@@ -222,12 +241,19 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
                                     resp.lengths, pad_id)
     t2 = time.perf_counter()
     loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings, pad_id,
-                                        tracker)
+                                        tracker, world)
     if finite:
         teacher.after_update(model)
     t3 = time.perf_counter()
     ntok = int(sum(resp.lengths))
     lengths = np.array(resp.lengths)
+    extra = {}
+    if world.distributed:  # metrics of the global batch
+        ntok_g, nseq, nfin = world.sum_floats([ntok, len(lengths), float(np.sum(resp.finished))])
+        len_max = world.max_floats([float(lengths.max())])[0]
+        ntok, lengths = int(ntok_g), np.array([ntok_g / nseq])
+        extra = {"world_size": world.size, "time_allreduce": world.last_reduce_s,
+                 "finished_rate": nfin / nseq, "response_len_max": int(len_max)}
     return {
         "step": step + 1, "loss": loss, "grad_norm": norm, "finite": finite,
         "lr": float(optimizer.learning_rate.item()) if isinstance(optimizer.learning_rate, mx.array)
@@ -236,7 +262,7 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
         "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
         "finished_rate": float(np.mean(resp.finished)), "response_tokens": ntok,
         "tokens_per_s": ntok / max(t3 - t0, 1e-9), "time_rollout": t1 - t0,
-        "time_scoring": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
+        "time_scoring": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0, **extra,
     }
 
 
@@ -262,43 +288,59 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def restore(run_dir: Path, model, optimizer, teacher: Teacher) -> LoopState:
-    """Load the latest complete checkpoint of `run_dir` (nothing: a fresh start)."""
-    ckpt.sweep_temporary(run_dir)
+def restore(run_dir: Path, model, optimizer, teacher: Teacher,
+            world: dist.World | None = None) -> LoopState:
+    """Load the latest complete checkpoint of `run_dir` (nothing: a fresh start). Every rank
+    loads it (the run directory must be on every machine); only rank 0 tidies the directory."""
+    world = world or dist.World()
+    if world.is_main:
+        ckpt.sweep_temporary(run_dir)
     found = ckpt.list_checkpoints(run_dir)
+    world.check_same("the checkpoint step to resume from", int(found[-1].name[len(ckpt.PREFIX):])
+                     if found else 0)
     if not found:
-        _truncate_metrics(run_dir / "metrics.jsonl", 0)
+        if world.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", 0)
         return LoopState()
     c = ckpt.load_checkpoint(found[-1])
+    written_by = int(c["state"].get("world_size", 1))
+    if written_by != world.size:
+        raise UserError(f"checkpoint was written by a {written_by}-rank run; resume with the same "
+                        f"world size (this run has {world.size})")
     model.update(tree_unflatten(list(c["params"].items())))
     optimizer.state = c["optimizer_state"]
     if c["teacher"] is not None:
         teacher.params = dict(c["teacher"])
     s = c["state"]
     mx.eval(model.parameters(), optimizer.state)
-    _truncate_metrics(run_dir / "metrics.jsonl", c["step"])
+    if world.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", c["step"])
     return LoopState(step=c["step"], nonfinite_in_a_row=s.get("nonfinite_in_a_row", 0),
                      skipped_updates=s.get("skipped_updates", 0))
 
 
 def draw_batch(cfg: RunConfig, examples: list[Example], encoder: PromptEncoder,
-               step: int) -> list[Encoded]:
+               step: int, min_size: int = 1) -> list[Encoded]:
     """The prompts of `step`, a pure function of (seed, step). Prompts past
     data.max_prompt_tokens are skipped (and counted); a batch left empty takes the next prompts
-    in draw order; no prompt short enough in the whole dataset is an error."""
+    in draw order; no prompt short enough in the whole dataset is an error. `min_size` (the
+    world size of a distributed run) tops a batch up the same way so every rank gets a prompt."""
     t, n = cfg.train, len(examples)
     if n == 0:
         raise UserError(f"no examples to train on ({cfg.data.train})")
     start = step * t.batch_size
     batch = [e for e in map(encoder, batch_at(examples, t.batch_size, start, t.seed)) if e is not None]
     position = start + t.batch_size
-    while not batch and position < start + t.batch_size + 2 * n:  # 2n positions cover an epoch
-        batch = [e for e in map(encoder, batch_at(examples, 1, position, t.seed)) if e is not None]
+    while len(batch) < min_size and position < start + t.batch_size + 2 * n:  # 2n positions cover an epoch
+        batch += [e for e in map(encoder, batch_at(examples, 1, position, t.seed)) if e is not None]
         position += 1
     if not batch:
         raise UserError(f"all {n} prompts of {cfg.data.train} are longer than data.max_prompt_tokens="
                         f"{cfg.data.max_prompt_tokens} tokens (with the {t.method} views); raise "
                         "data.max_prompt_tokens or shorten the prompts")
+    if len(batch) < min_size:
+        raise UserError(f"only {len(batch)} prompts of {cfg.data.train} fit data.max_prompt_tokens="
+                        f"{cfg.data.max_prompt_tokens}: too few for {min_size} ranks")
     return batch
 
 
@@ -321,26 +363,34 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None) -> dict:
     run_dir = Path(cfg.out)
+    world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
+    if cfg.train.batch_size < world.size:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {world.size} "
+                        "ranks: each rank needs at least one prompt per step")
     encoder = PromptEncoder(cfg, tokenizer)
-    draw_batch(cfg, examples, encoder, 0)  # bad prompts fail here, before anything is written
-    ckpt.prepare_run_dir(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
+    if world.is_main:  # only rank 0 writes in the run directory
+        ckpt.prepare_run_dir(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    state = restore(run_dir, model, optimizer, teacher) if resume else LoopState()
-    tracker = RunDiagnostics.resume(run_dir, state.step)  # fresh unless resuming
-    if not resume:
+    state = restore(run_dir, model, optimizer, teacher, world) if resume else LoopState()
+    tracker = RunDiagnostics.resume(run_dir, state.step) if world.is_main else None
+    if not resume and world.is_main:
         ckpt.start_fresh(run_dir)  # an older run's checkpoints must never be resumed into this one
     metrics_path, t = run_dir / "metrics.jsonl", cfg.train
-    done_here = 0
+    done_here, lines_here = 0, []
     while state.step < t.steps and (stop_after is None or done_here < stop_after):
-        batch = draw_batch(cfg, examples, encoder, state.step)
-        line = run_step(cfg, model, tokenizer, optimizer, teacher, batch, state.step, tracker)
+        batch = world.shard(draw_batch(cfg, examples, encoder, state.step, world.size))
+        line = run_step(cfg, model, tokenizer, optimizer, teacher, batch, state.step, tracker, world)
         state.step, done_here = state.step + 1, done_here + 1
         state.nonfinite_in_a_row = 0 if line["finite"] else state.nonfinite_in_a_row + 1
         state.skipped_updates += 0 if line["finite"] else 1
         line["skipped_updates"] = state.skipped_updates
-        _append_metrics(metrics_path, line)
+        if world.is_main:
+            _append_metrics(metrics_path, line)
+        else:
+            lines_here.append(line)
         if on_step:
             on_step(line)
         if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
@@ -348,13 +398,21 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                             "row had NaN/inf loss or gradients and were skipped (train."
                             f"max_nonfinite_steps={t.max_nonfinite_steps}); lower train.learning_rate? "
                             f"The last good checkpoint is in {run_dir / 'checkpoints'}")
-        if state.step % t.save_every == 0 or state.step == t.steps:
+        if world.is_main and (state.step % t.save_every == 0 or state.step == t.steps):
             ckpt.save_checkpoint(
                 run_dir, state.step, params=trainable(model), optimizer_state=optimizer.state,
                 teacher=teacher.params if teacher.mode == "ema" else None,
                 state={"nonfinite_in_a_row": state.nonfinite_in_a_row,
-                       "skipped_updates": state.skipped_updates}, keep=t.keep_checkpoints)
+                       "skipped_updates": state.skipped_updates, "world_size": world.size},
+                keep=t.keep_checkpoints)
             tracker.save(state.step)
+    if not world.is_main:  # the other ranks write nothing; the same keys, from this call's steps
+        last = lines_here[-10:]
+        return {"steps_done": state.step, "skipped_updates": state.skipped_updates,
+                "skipped_prompts": encoder.skipped, "rank": world.rank,
+                "final_loss": float(np.mean([l["loss"] for l in last])) if last else None,
+                "train_seconds": float(sum(l["time_step"] for l in lines_here)),
+                "response_tokens": int(sum(l["response_tokens"] for l in lines_here))}
     if state.step >= t.steps:
         save_adapters(run_dir, model, cfg.model)
     return summarize(run_dir, state, encoder.skipped)

@@ -148,7 +148,7 @@ def train_command(
 ):
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
     from aropd_mlx.data import load_examples
-    from aropd_mlx.checkpoint import check_run_dir, prepare_run_dir
+    from aropd_mlx.checkpoint import check_run_dir
     from aropd_mlx.models import Teacher, check_supported, load_student
     from aropd_mlx.trainer import train
 
@@ -165,16 +165,14 @@ def train_command(
     student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
     teacher_ = Teacher.create(student, tokenizer, cfg.model)
+    from aropd_mlx.distributed import init
+
+    if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
+        train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume)
+        return
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
-    before = None
-    if eval_examples and not no_eval and not resume:
-        typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)
-        before = _eval(student, tokenizer, cfg, eval_examples, lab)
-        prepare_run_dir(cfg.out)
-        (Path(cfg.out) / "eval_before.json").write_text(json.dumps(before, indent=2))
-    elif resume and (Path(cfg.out) / "eval_before.json").is_file():
-        before = json.loads((Path(cfg.out) / "eval_before.json").read_text())
+    before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
     from .progress import StepProgress
 
     with StepProgress(cfg.train.steps, resume=resume) as progress:
@@ -191,6 +189,22 @@ def train_command(
         typer.echo(f"note: skipped {summary.get('skipped_prompts', 0)} prompts longer than "
                    f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} and "
                    f"{summary.get('skipped_updates', 0)} updates with NaN/inf loss", err=True)
+
+
+def _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval: bool, resume: bool):
+    """Evaluate before training (kept in the run dir, so a resumed run still shows it)."""
+    from aropd_mlx.checkpoint import prepare_run_dir
+
+    path = Path(cfg.out) / "eval_before.json"
+    if resume:
+        return json.loads(path.read_text()) if path.is_file() else None
+    if not eval_examples or no_eval:
+        return None
+    typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)
+    before = _eval(student, tokenizer, cfg, eval_examples, lab)
+    prepare_run_dir(cfg.out)
+    path.write_text(json.dumps(before, indent=2))
+    return before
 
 
 @handles_errors

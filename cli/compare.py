@@ -47,6 +47,11 @@ def compare_command(
     from dataclasses import replace
 
     from aropd_mlx.compare import CompareSettings, compare, quick_settings
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.setup import prepare_lab
+
+    from .train import _build_progress
 
     settings = CompareSettings(out=out, reuse=not fresh, pool=pool)
     if quick:
@@ -57,12 +62,6 @@ def compare_command(
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None}).validate()
     typer.echo(f"compare: {', '.join(settings.methods)}; {settings.seeds} seed(s) x "
                f"{settings.steps} steps -> {out}", err=True)
-    from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import lab_settings_for
-    from aropd_mlx.lab.setup import prepare_lab
-
-    from .train import _build_progress
-
     lab = prepare_lab(lab_settings_for(load_config()), on_step=_build_progress())
     result = compare(settings, lab=lab, on_event=lambda msg: typer.echo(msg, err=True))
     typer.echo((Path(out) / "compare.md").read_text())

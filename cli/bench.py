@@ -42,6 +42,8 @@ def bench_command(
                        install=not no_install, echo=typer.echo)
     typer.echo("")
     typer.echo(table(result["table"], ["benchmark", "model", "measure", "result", "goal", "met"]))
+    if quick:
+        typer.echo("(--quick: smoke sizes; the goals are judged at the default sizes)")
     m = result["machine"]
     typer.echo(f"\nBLAS: {m['blas']}; load average {m.get('loadavg_start')} -> "
                f"{m.get('loadavg_end')} on {m['cpus']} CPUs")

@@ -191,7 +191,7 @@ def format_peer(r: dict) -> str:
             continue
         sp, spc = r["speedups"].get(name), r.get("speedups_cpu", {}).get(name)
         out.append(f"  {name:20} {run['seconds_per_step']:8.2f} s/step {run['tokens_per_s']:9.1f} "
-                   f"tok/s" + (f"   ours is {sp:.2f}x faster" if sp else "")
+                   f"tok/s" + (f"   ours {sp:.2f}x as fast" if sp else "")
                    + (f" ({spc:.2f}x in CPU s, {r['speedups_best'][name]:.2f}x best-of)"
                       if spc else ""))
     for key in ("skipped", "note"):

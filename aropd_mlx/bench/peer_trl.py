@@ -17,6 +17,7 @@ bf16 stays off in both (TRL's DistillationConfig turns it on for GPUs; we compar
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -101,7 +102,10 @@ def run(spec: dict) -> dict:
             return out
 
         trainer._generate_single_turn = counted
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return {"trainer": spec["trainer"], "mode": spec["mode"], "step_seconds": times,
             "step_cpu_seconds": cpu_times,
             "completion_tokens_mean": sum(lengths) / max(len(lengths), 1),

@@ -104,8 +104,9 @@ def _eval(model, tokenizer, cfg, examples, lab) -> dict:
     return res.summary()
 
 
-def summary_rows(before: dict | None, after: dict) -> list[dict]:
-    """One row per group (overall, then by k or by length) with before -> after."""
+def summary_rows(before: dict | None, after: dict, compare: bool = True) -> list[dict]:
+    """One row per group (overall, then by k or by length): before -> after, or (compare=False,
+    `eval`) the one result."""
     keys = [k for k in ("accuracy", "all_steps_correct_rate", "shortcut_rate") if k in after]
     groups = [("all", after, before)]
     group_key = "by_k" if "by_k" in after else "by_length"
@@ -117,8 +118,9 @@ def summary_rows(before: dict | None, after: dict) -> list[dict]:
         r = {"group": name, "n": a["n"]}
         for k in keys:
             short = {"accuracy": "acc", "all_steps_correct_rate": "all-steps", "shortcut_rate": "shortcut"}[k]
-            r[f"{short} before"] = None if b is None else b.get(k)
-            r[f"{short} after"] = a.get(k)
+            if compare:
+                r[f"{short} before"] = None if b is None else b.get(k)
+            r[f"{short} after" if compare else short] = a.get(k)
         rows.append(r)
     return rows
 
@@ -242,6 +244,6 @@ def eval_command(
     result = evaluate(student, tokenizer, examples, views, checker=checker, k=k,
                       temperature=temperature, max_new_tokens=max_new_tokens)
     s = result.summary()
-    typer.echo(table(summary_rows(None, s)))
+    typer.echo(table(summary_rows(None, s, compare=False)))
     if json_out:
         json_out.write_text(json.dumps({"summary": s, "records": result.records}, indent=2))

@@ -24,11 +24,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from aropd_mlx import checkpoint as ckpt
 from aropd_mlx import distributed as dist
-from aropd_mlx.config import RunConfig, save_config, to_dict
+from aropd_mlx.config import RunConfig, save_config
 from aropd_mlx.data import Example, batch_at
 from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
@@ -216,8 +216,6 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
 
 
 def tree_map_add(a, b):
-    from mlx.utils import tree_map
-
     return tree_map(lambda x, y: x + y, a, b)
 
 

@@ -59,6 +59,7 @@ class TrainSettings:
     lam_warmup_steps: int = 0
     sft_view_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)  # SFT prompts: student/partial/full
     save_every: int = 50
+    diagnostics_every: int = 10  # per-token diagnostics on step 1, every N-th step and the last
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many skipped (NaN/inf) updates in a row
     seed: int = 0
@@ -66,7 +67,8 @@ class TrainSettings:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"train.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "max_nonfinite_steps"):
+        for name in ("steps", "batch_size", "save_every", "diagnostics_every", "keep_checkpoints",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < 1.0:

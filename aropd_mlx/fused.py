@@ -83,14 +83,17 @@ _CHUNK_BODIES: dict[tuple, object] = {}
 
 
 def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
-                has_full: bool):
+                has_full: bool, with_diagnostics: bool = True):
     """The compiled per-chunk function, cached per static setup so that equal shapes never
     retrace. Inputs: h_s (C,H), tokens (C,), lam (), [h_t (C,H)], [h_f (C,H)], *head arrays.
-    Outputs: per-row loss (C,), diagnostics (K, C), per-row gradient dl_i/dh_i (C, H).
-    lam is an input, not a constant: a lam schedule must not compile a new body every step."""
+    Outputs: per-row loss (C,), diagnostics (K, C) (K = 0 without diagnostics), per-row
+    gradient dl_i/dh_i (C, H).
+    lam is an input, not a constant: a lam schedule must not compile a new body every step.
+    The diagnostics are extra passes over V (on the CPU backend ~40% of the update at V = 32k,
+    BENCHMARKS.md), so the trainer asks for them on logging steps only."""
     # only the static fields the chunk math reads go into the key
     settings = replace(settings, lam=0.0, skip_first_tokens=0, reduction="sequence", chunk_size=1)
-    key = (settings, head_key, has_teacher, has_full)
+    key = (settings, head_key, has_teacher, has_full, with_diagnostics)
     if key in _CHUNK_BODIES:
         return _CHUNK_BODIES[key]
 
@@ -108,6 +111,8 @@ def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
 
         (losses,), (dz,) = mx.vjp(row_losses, [z], [mx.ones(tokens.shape, mx.float32)])
         grad_h = _project(dz.astype(z.dtype), head_arrays, head_key, False)  # (C, H)
+        if not with_diagnostics:
+            return losses, mx.zeros((0, tokens.shape[0]), mx.float32), grad_h.astype(mx.float32)
         diags = obj.token_diagnostics(z, tokens, partial, full, target, local)
         names = _diag_names(has_teacher, has_full)
         return losses, mx.stack([diags[n] for n in names]), grad_h.astype(mx.float32)
@@ -152,10 +157,13 @@ def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):
 
 def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx.array,
                teacher_h: mx.array | None = None, full_h: mx.array | None = None, *,
-               settings: ObjectiveSettings | None = None) -> LossOutput:
+               settings: ObjectiveSettings | None = None,
+               diagnostics: bool = True) -> LossOutput:
     """Equal to naive_loss(head(student_h), tokens, mask, head(teacher_h), head(full_h)) with
     peak memory of one chunk of rows over the vocabulary. student_h (B, T, H) carries the
-    gradient; teacher_h (the anchor, or the only teacher view) and full_h get none."""
+    gradient; teacher_h (the anchor, or the only teacher view) and full_h get none.
+    `diagnostics=False`: the same loss and gradient, no per-token diagnostics (an empty dict),
+    and none of their passes over the vocabulary."""
     settings = settings or ObjectiveSettings()
     settings.validate()
     if full_h is not None and teacher_h is None:
@@ -163,13 +171,14 @@ def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx
     if settings.loss_type != "nll" and teacher_h is None:
         raise ValueError(f"loss_type {settings.loss_type!r} needs teacher_h")
     batch, length = tokens.shape
-    names = _diag_names(teacher_h is not None, full_h is not None)
+    names = _diag_names(teacher_h is not None, full_h is not None) if diagnostics else []
     if batch * length == 0:  # nothing to score: zeros of the right shapes, loss 0, weight 0
         zeros = mx.zeros((batch, length), mx.float32)
         return obj.finish(zeros, {n: zeros for n in names}, mask, settings)
     views = [mx.stop_gradient(v) for v in (teacher_h, full_h) if v is not None]
     head_arrays = [mx.stop_gradient(a) for a in head.arrays()]
-    body = _chunk_body(settings, head.static_key(), teacher_h is not None, full_h is not None)
+    body = _chunk_body(settings, head.static_key(), teacher_h is not None, full_h is not None,
+                       diagnostics)
     chunk = max(1, min(settings.chunk_size, batch * length))
     lam = mx.array(settings.lam, dtype=mx.float32)
 

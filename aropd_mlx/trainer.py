@@ -71,6 +71,13 @@ def objective_for(cfg: RunConfig) -> ObjectiveSettings:
     return cfg.objective
 
 
+def diagnostics_due(cfg: RunConfig, step: int) -> bool:
+    """Per-token diagnostics on the first step, every train.diagnostics_every-th and the last
+    (0-based `step`). They cost extra passes over the vocabulary; loss and gradient do not."""
+    every, steps = cfg.train.diagnostics_every, cfg.train.steps
+    return step == 0 or (step + 1) % every == 0 or step + 1 >= steps
+
+
 def lam_at(cfg: RunConfig, step: int) -> float:
     lam, t = cfg.objective.lam, cfg.train
     if t.lam_schedule == "linear-warmup" and t.lam_warmup_steps > 0:
@@ -157,7 +164,8 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 
 
 def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id,
-            tracker: RunDiagnostics | None = None, world: dist.World | None = None):
+            tracker: RunDiagnostics | None = None, world: dist.World | None = None,
+            with_diagnostics: bool = True):
     """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW.
 
     With several ranks (`world`) each holds a shard of the batch: the weight total, the
@@ -176,7 +184,8 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
         sh = response_hidden(m, rows["student"][sl], tokens_np[sl], resp.lengths[sl], pad_id)
         th = teacher_h[views[0]][sl] if views else None
         fh = teacher_h[views[1]][sl] if len(views) > 1 else None
-        out = fused_loss(sh, head, resp.tokens[sl], resp.mask[sl], th, fh, settings=settings)
+        out = fused_loss(sh, head, resp.tokens[sl], resp.mask[sl], th, fh, settings=settings,
+                         diagnostics=with_diagnostics)
         return out.loss * out.weight * scale, out
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -189,7 +198,7 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
             diag_sums[k] = diag_sums.get(k, 0.0) + (v * m).sum()
         diag_sums["_tokens"] = diag_sums.get("_tokens", 0.0) + m.sum()
         mx.eval(grads, loss, diag_sums, out.diagnostics)
-        if tracker is not None:  # per-token signals by position and length (diagnostics.py)
+        if tracker is not None and with_diagnostics:  # per-token signals by position and length (diagnostics.py)
             tracker.add(out.diagnostics, resp.mask[sl])
         loss_sum += loss.item()
     model.eval()
@@ -238,8 +247,8 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
             teacher_h = score_views(scorer, {v: rows[v] for v in views}, np.array(resp.tokens),
                                     resp.lengths, pad_id)
     t2 = time.perf_counter()
-    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings, pad_id,
-                                        tracker, world)
+    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings,
+                                        pad_id, tracker, world, diagnostics_due(cfg, step))
     if finite:
         teacher.after_update(model)
     t3 = time.perf_counter()

@@ -20,6 +20,7 @@ class StepProgress:
         self.task = None
         self.plain = not self.console.is_terminal
         self.every = max(1, total // 20)
+        self.last_kl: tuple[int, float] | None = None  # (step, KL(S||T)) of the latest diagnostics
 
     def __enter__(self):
         self.progress.__enter__()
@@ -31,8 +32,10 @@ class StepProgress:
 
     def update(self, line: dict) -> None:
         extra = f"{line['tokens_per_s']:.0f} tok/s"
-        if "kl_student_target" in line:
-            extra += f"  KL(S||T) {line['kl_student_target']:.4f}"
+        if "kl_student_target" in line:  # diagnostics come every train.diagnostics_every steps
+            self.last_kl = (line["step"], line["kl_student_target"])
+        if self.last_kl:
+            extra += f"  KL(S||T) {self.last_kl[1]:.4f} (step {self.last_kl[0]})"
         self.progress.update(self.task, completed=line["step"], loss=f"{line['loss']:.4f}", extra=extra)
         if self.plain and (line["step"] % self.every == 0 or line["step"] == self.total):
             # Not a terminal (CI, a log file): a line every 5% instead of a live bar.

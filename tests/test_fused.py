@@ -91,6 +91,24 @@ def test_fused_with_a_quantized_head():
     assert_same(*both(head, hs, tok, mask, ht, hf, s))
 
 
+@pytest.mark.parametrize("loss_type", obj.LOSS_TYPES)
+def test_fused_without_diagnostics_equals_naive_loss_and_gradient(loss_type):
+    """diagnostics=False (the trainer's non-logging steps) drops only the diagnostics."""
+    head, hs, ht, hf, tok, mask = make(b=3)
+    s = ObjectiveSettings(loss_type=loss_type, chunk_size=4, alpha=0.3, skip_first_tokens=1)
+    views = (None, None) if loss_type == "nll" else (ht, hf)
+    (naive, g_naive), _ = both(head, hs, tok, mask, *views, s)
+
+    def f(h):
+        out = fused_loss(h, head, tok, mask, *views, settings=s, diagnostics=False)
+        return out.loss, out
+    (_, out), g = mx.value_and_grad(f)(hs)
+    assert out.diagnostics == {}
+    np.testing.assert_allclose(np.array(out.per_token), np.array(naive.per_token), rtol=1e-5, atol=1e-6)
+    scale = max(float(mx.abs(g_naive).max()), 1e-4)
+    np.testing.assert_allclose(np.array(g) / scale, np.array(g_naive) / scale, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_gradient_for_a_per_token_cotangent():
     """The custom VJP serves any cotangent on per_token, not only the loss's."""
     head, hs, ht, hf, tok, mask = make()

@@ -32,13 +32,33 @@ def test_every_method_trains_and_saves(method, tiny_llama, tmp_path):
     assert [l["step"] for l in lines] == [1, 2, 3]
     for line in lines:
         assert METRIC_KEYS <= set(line) and np.isfinite(line["loss"])
-        if method == "ar-opd":
+        # diagnostics_every 10: step 1 and the last step carry them, step 2 does not
+        if method == "ar-opd" and line["step"] != 2:
             assert {"kl_full_partial", "clip_rate", "kl_student_target"} <= set(line)
+        if method != "sft":
+            assert ("kl_student_target" in line) == (line["step"] != 2)
     after = trainable(model)
     assert any(not np.array_equal(before[k], np.array(after[k])) for k in before)
     saved = mx.load(str(tmp_path / method / "adapters.safetensors"))
     assert set(saved) == set(after)
     assert summary["steps_done"] == 3 and (tmp_path / method / "config.yaml").is_file()
+
+
+def test_diagnostics_every_changes_logging_not_training(tiny_llama, tmp_path):
+    """Diagnostics are extra passes over the vocabulary, skipped off logging steps; the loss,
+    gradients and so the trained weights must not depend on when they are computed."""
+    runs = {}
+    for every in (1, 2, 10):
+        _, model, _, _, _ = _run(tiny_llama, tmp_path / str(every), **{"train.steps": 4,
+                                 "train.diagnostics_every": every})
+        lines = [json.loads(l) for l in (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()]
+        runs[every] = ({k: np.array(v) for k, v in trainable(model).items()},
+                       [l["loss"] for l in lines], [l["step"] for l in lines if "kl_full_partial" in l])
+    assert runs[1][2] == [1, 2, 3, 4] and runs[2][2] == [1, 2, 4] and runs[10][2] == [1, 4]
+    for every in (2, 10):
+        np.testing.assert_allclose(runs[every][1], runs[1][1], rtol=1e-6)
+        for k, v in runs[1][0].items():
+            np.testing.assert_allclose(runs[every][0][k], v, rtol=1e-5, atol=1e-7)
 
 
 def test_adapters_load_in_mlx_lm_and_generate(tiny_llama, tmp_path):

@@ -22,9 +22,8 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from aropd_mlx import checkpoint as ckpt
 from aropd_mlx import distributed as dist
@@ -35,6 +34,7 @@ from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
 from aropd_mlx.models import Teacher, head_from_model, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
+from aropd_mlx.optimizer import make_optimizer, optimizer_step  # noqa: F401 - make_optimizer: API
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.scoring import response_hidden, score_views
 from aropd_mlx.views import encode_response, encode_views, render_views
@@ -85,21 +85,6 @@ def lam_at(cfg: RunConfig, step: int) -> float:
     if t.lam_schedule == "cosine":
         return lam * 0.5 * (1 - math.cos(math.pi * min(step, t.steps) / t.steps))
     return lam
-
-
-def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
-    t = cfg.train
-    decay_steps = max(1, t.steps - t.warmup_steps)
-    if t.lr_schedule == "cosine":
-        lr = optim.cosine_decay(t.learning_rate, decay_steps, t.learning_rate * t.min_lr_ratio)
-    else:
-        lr = t.learning_rate
-    if t.warmup_steps > 0:
-        warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
-        lr = optim.join_schedules([warm, lr if callable(lr) else (lambda _: t.learning_rate)],
-                                  [t.warmup_steps])
-    # bias_correction=True: torch's AdamW does it, and early steps are stable (PLATFORM.md)
-    return optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay, bias_correction=True)
 
 
 class PromptEncoder:
@@ -210,15 +195,12 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
         loss_sum, diag_sums = summed[0], dict(zip(keys, summed[1:]))
         mx.eval(grads)
         world.last_reduce_s = time.perf_counter() - t_reduce
-    if cfg.train.grad_clip > 0:
-        grads, norm = optim.clip_grad_norm(grads, cfg.train.grad_clip)
-    else:
-        norm = mx.sqrt(sum((v * v).sum() for _, v in tree_flatten(grads)))
+    opt_step = optimizer_step(model, optimizer, cfg.train.grad_clip)  # compiled (optimizer.py)
+    grads, norm = opt_step.clip(grads)
     norm = norm.item()
     finite = math.isfinite(loss_sum) and math.isfinite(norm)
     if finite:
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
+        opt_step.apply(grads)
     ntok = max(float(diag_sums.pop("_tokens")), 1.0)
     diags = {k: float(v) / ntok for k, v in diag_sums.items()}
     return loss_sum, norm, finite, diags

@@ -45,6 +45,8 @@ def setup_run(model_name: str, method: str, *, batch: int, group: int, max_new_t
                  "train.batch_size": batch, "rollout.group_size": group,
                  "rollout.max_new_tokens": max_new_tokens, "rollout.completion_batch_size":
                  max(64, batch * group), "train.steps": 1000, "train.seed": seed,
+                 # timed steps are typical steps: per-token diagnostics run on logging steps only
+                 "train.diagnostics_every": 1000,
                  **({"objective.alpha": alpha} if alpha is not None else {}), **(extra or {})}
     cfg = load_config(overrides=overrides)
     model, tokenizer = load_student(cfg.model)

@@ -1,8 +1,18 @@
-"""On-policy rollouts: the student samples G responses per prompt with mlx-lm's BatchGenerator.
+"""On-policy rollouts: the student samples G responses per prompt in a plain batched KV-cache loop.
 
-Two facts about mlx-lm's generator (PLATFORM.md) are handled here: the final EOS is not
-returned with the tokens (we put it back, so the student learns to stop), and its log-probs are
-of the untempered distribution (we do not use them; the objective rescores every token).
+Each distinct prompt is prefilled once and its cache fanned out to its G rows (prefix.py). Each
+step feeds the rows' last tokens, samples with mlx-lm's sampler (`make_sampler`: greedy at
+temperature 0, top-p) and queues the next step before looking at this one (`async_eval`). The
+tokens stay on the device until the chunk ends. Every few steps the rows that have sampled an
+EOS leave the batch (the loop ends when all have); each row's first EOS is found on the host
+afterwards, so the result is exactly that of a per-token check. A row keeps its EOS (the
+student must learn to stop). Rows are decoded `completion_batch_size` at a time, whole prompt
+groups per chunk where possible.
+
+Why not mlx-lm's BatchGenerator: per token it normalizes the log-probs over the vocabulary,
+hands back one Python object per row and syncs with the host; at the small batches of a
+rollout that bookkeeping is ~10-15% of the decode time (docs/BENCHMARKS.md). It remains the
+path for models whose caches are not plain KV caches (sliding windows, recurrent layers).
 
     batch = sample(model, tokenizer, prompts, RolloutSettings(group_size=4), seed=step_seed)
     batch.tokens  # (N, T) int32, right-padded; batch.mask (N, T) 1 on response tokens incl. EOS
@@ -16,6 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.prefix import dedupe, expand, prefill, supports_prefix_cache
+
+CHECK_EVERY = 8  # decode steps between host checks of "every row has stopped"
 
 
 @dataclass(frozen=True)
@@ -60,16 +73,93 @@ def pad_responses(rows: list[list[int]], finished: list[bool], pad_id: int = 0) 
 def sample(model, tokenizer, prompts: list[list[int]], settings: RolloutSettings,
            seed: int) -> Responses:
     """Sample `group_size` responses for every prompt. Deterministic given `seed`."""
-    from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
     mx.random.seed(seed)  # the sampler draws from MLX's global generator
     eos = sorted(tokenizer.eos_token_ids)
+    pad_id = tokenizer.pad_token_id or 0
+    sampler = make_sampler(settings.temperature, top_p=settings.top_p)
+    if not supports_prefix_cache(model):
+        return _sample_batch_generator(model, prompts, settings, sampler, eos, pad_id)
+    g, stop_ids = settings.group_size, set(eos)
+    rows, finished = [], []
+    for chunk in row_chunks(len(prompts) * g, g, settings.completion_batch_size):
+        tokens = _decode(model, [prompts[r // g] for r in chunk], sampler, settings, eos, pad_id)
+        for row in tokens.tolist():
+            stop = next((t for t, tok in enumerate(row) if tok in stop_ids), None)
+            rows.append(row if stop is None else row[:stop + 1])
+            finished.append(stop is not None)
+    return pad_responses(rows, finished, pad_id)
+
+
+def row_chunks(n_rows: int, group: int, size: int) -> list[range]:
+    """Consecutive row ranges of at most `size` rows, holding whole groups when size >= group."""
+    step = max(1, (size // group) * group if size >= group else size)
+    return [range(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _decode(model, row_prompts: list[list[int]], sampler, settings: RolloutSettings,
+            eos: list[int], pad_id: int) -> np.ndarray:
+    """(rows, steps) sampled tokens, steps <= max_new_tokens; nothing is cut at EOS here.
+
+    Every CHECK_EVERY steps the rows that have sampled an EOS leave the batch (their cache rows
+    are dropped). The sampler still draws for all rows at once, dropped ones fed a stand-in's
+    logits: its random numbers depend only on the seed and that fixed shape, so a row's tokens
+    do not depend on when the others left, nor on CHECK_EVERY."""
+    unique, index = dedupe(row_prompts)
+    # the prompts' last tokens start the decoding
+    cache, _ = prefill(model, [p[:-1] for p in unique], pad_id, room=settings.max_new_tokens)
+    expand(cache, index)
+    # top-p needs log-probs; greedy and plain temperature sampling are unchanged by the
+    # per-row shift, and skipping it saves a pass of exp over the vocabulary per token
+    normalize = 0.0 < settings.top_p < 1.0 and settings.temperature > 0
+    alive = np.arange(len(row_prompts))  # the rows in the batch, in batch order
+    slot = None  # batch position of every row (None: all rows, in order)
+
+    def step(inputs: mx.array) -> mx.array:
+        logits = model(inputs[:, None], cache=cache)[:, -1, :]
+        if normalize:
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logits if slot is None else logits[slot])  # one token for every row
+
+    stops = mx.array(eos) if eos else None
+    done = mx.zeros((len(row_prompts),), dtype=mx.bool_)
+    y = step(mx.array([p[-1] for p in row_prompts]))
+    mx.async_eval(y)
+    out = []
+    for t in range(settings.max_new_tokens):
+        out.append(y)
+        if t + 1 == settings.max_new_tokens:
+            break
+        if stops is not None:
+            done = done | (y[:, None] == stops).any(axis=1)
+        y = step(y if slot is None else y[mx.array(alive)])
+        mx.async_eval(y, done)  # the next step runs while we look at this one
+        if stops is None or (t + 1) % CHECK_EVERY:
+            continue
+        finished = np.array(done)
+        if finished.all():
+            break
+        if finished[alive].any():  # drop the stopped rows from the batch
+            keep = np.flatnonzero(~finished[alive])
+            expand(cache, keep)
+            alive = alive[keep]
+            positions = np.zeros(len(row_prompts), dtype=np.int32)
+            positions[alive] = np.arange(len(alive))
+            slot = mx.array(positions)
+    return np.array(mx.stack(out, axis=1)).astype(np.int32)
+
+
+def _sample_batch_generator(model, prompts, settings: RolloutSettings, sampler, eos, pad_id):
+    """mlx-lm's BatchGenerator: for caches the prefix path cannot batch. It returns the stop
+    token with its last response; its log-probs (untempered) are not used."""
+    from mlx_lm.generate import BatchGenerator
+
     gen = BatchGenerator(
         model,
         max_tokens=settings.max_new_tokens,
         stop_tokens=[[t] for t in eos],
-        sampler=make_sampler(settings.temperature, top_p=settings.top_p),
+        sampler=sampler,
         completion_batch_size=settings.completion_batch_size,
         prefill_batch_size=min(settings.completion_batch_size, 64),
     )
@@ -85,5 +175,4 @@ def sample(model, tokenizer, prompts: list[list[int]], settings: RolloutSettings
                     done[r.uid] = True
     finally:
         gen.close()
-    rows = [out[u] for u in uids]
-    return pad_responses(rows, [done[u] for u in uids], pad_id=tokenizer.pad_token_id or 0)
+    return pad_responses([out[u] for u in uids], [done[u] for u in uids], pad_id)

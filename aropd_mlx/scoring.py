@@ -6,7 +6,11 @@ positions. Row i's response token t is predicted at position len(prompt_i) - 1 +
 the final hidden states there (B, T, H) and hand them to the fused objective, which projects
 them to the vocabulary a chunk at a time: no logits are made for prompt positions.
 
-Both teacher views are scored in one batched forward (2N rows), under no gradient.
+The teacher's views are scored under no gradient, and there the prompts repeat: row i answers
+prompt i // G under every view. `score_views` runs each distinct prompt once (prefix.py: a
+left-padded prefill into a KV cache, fanned out to the rows), then all rows' responses on that
+cache in one batch (views x N rows): the same hidden states, without G copies of each prompt.
+Models whose caches are not plain KV caches keep the full-sequence path.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from aropd_mlx.models import hidden_states
+from aropd_mlx.prefix import dedupe, expand, prefill, supports_prefix_cache
 
 
 def build_inputs(prompts: list[list[int]], tokens: np.ndarray, lengths: list[int],
@@ -41,9 +46,26 @@ def response_hidden(model, prompts: list[list[int]], tokens: np.ndarray, lengths
     return mx.take_along_axis(h, pos[:, :, None], axis=1)
 
 
+def cached_response_hidden(model, prompts: list[list[int]], tokens: np.ndarray,
+                           lengths: list[int], pad_id: int = 0) -> mx.array:
+    """`response_hidden` through a shared prefix cache: each distinct prompt runs once."""
+    n, t = tokens.shape
+    unique, index = dedupe(prompts)
+    cache, h_last = prefill(model, unique, pad_id, room=t - 1)
+    first = h_last[mx.array(index)][:, None]  # the last prompt position predicts token 0
+    if t == 1:
+        return first
+    rest = np.full((n, t - 1), pad_id, dtype=np.int32)  # response[:-1], right-padded
+    for i in range(n):
+        k = max(lengths[i] - 1, 0)
+        rest[i, :k] = tokens[i, :k]
+    expand(cache, index)
+    return mx.concatenate([first, model.model(mx.array(rest), cache=cache)], axis=1)
+
+
 def score_views(model, view_prompts: dict[str, list[list[int]]], tokens: np.ndarray,
                 lengths: list[int], pad_id: int = 0) -> dict[str, mx.array]:
-    """Teacher hidden states for several views of the same responses, in one forward.
+    """Teacher hidden states for several views of the same responses, in one batch.
 
     `view_prompts[name][i]` is row i's prompt under that view. Returns {name: (N, T, H)},
     evaluated and detached from any graph."""
@@ -51,7 +73,8 @@ def score_views(model, view_prompts: dict[str, list[list[int]]], tokens: np.ndar
     n = tokens.shape[0]
     prompts = [p for name in names for p in view_prompts[name]]
     stacked = np.concatenate([tokens] * len(names), axis=0)
-    h = mx.stop_gradient(response_hidden(model, prompts, stacked, lengths * len(names), pad_id))
+    score = cached_response_hidden if supports_prefix_cache(model) else response_hidden
+    h = mx.stop_gradient(score(model, prompts, stacked, lengths * len(names), pad_id))
     out = {name: h[i * n:(i + 1) * n] for i, name in enumerate(names)}
     mx.eval(out)
     return out

@@ -109,6 +109,31 @@ def test_fused_without_diagnostics_equals_naive_loss_and_gradient(loss_type):
     np.testing.assert_allclose(np.array(g) / scale, np.array(g_naive) / scale, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+def test_lanes_give_the_one_lane_result(chunk, monkeypatch):
+    """On the CPU, chunks alternate over two streams (fused._lanes); the result must be the
+    one-stream result bit for bit, with every chunk size (odd, 1: a single lane)."""
+    head, hs, ht, hf, tok, mask = make(b=3, t=7)
+    s = ObjectiveSettings(chunk_size=chunk, alpha=0.5)
+
+    def run():
+        def f(h):
+            out = fused_loss(h, head, tok, mask, ht, hf, settings=s)
+            return out.loss, out
+        (_, out), g = mx.value_and_grad(f)(hs)
+        mx.eval(out.per_token, out.diagnostics, g)
+        return out, g
+
+    two, g_two = run()
+    assert len(fused._lanes()) == 2 and mx.default_device() == mx.cpu
+    monkeypatch.setattr(fused, "_lanes", lambda: [mx.default_stream(mx.cpu)])
+    one, g_one = run()
+    assert np.array_equal(np.array(two.per_token), np.array(one.per_token))
+    assert np.array_equal(np.array(g_two), np.array(g_one))
+    for k in one.diagnostics:
+        assert np.array_equal(np.array(two.diagnostics[k]), np.array(one.diagnostics[k])), k
+
+
 def test_fused_gradient_for_a_per_token_cotangent():
     """The custom VJP serves any cotangent on per_token, not only the loss's."""
     head, hs, ht, hf, tok, mask = make()

@@ -134,6 +134,10 @@ def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) ->
     model.freeze()
     if settings.fine_tune_type == "full":
         model.unfreeze()
+        # the fused loss projects through the head as a frozen matrix (no gradient reaches
+        # it); trainable, it would only drift with weight decay and cost optimizer passes
+        if getattr(model, "lm_head", None) is not None:
+            model.lm_head.freeze()
         return
     n_layers = len(model.layers) if settings.lora_layers < 0 else settings.lora_layers
     linear_to_lora_layers(model, n_layers, settings.lora_parameters(),

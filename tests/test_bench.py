@@ -86,9 +86,14 @@ def test_step_flops_formula():
     enc = [SimpleNamespace(prompts={"student": [0] * 3, "partial": [0] * 5, "full": [0] * 7})]
     fm = common.FlopModel(n_matmul=110, n_total=120)
     f = step_flops(fm, 10, enc, ("partial", "full"), 1, [4], weight_grads=True)
-    assert f["rollout"] == 2 * 100 * (3 + 3) + 2 * 10 * 4
+    assert f["rollout"] == 2 * 100 * (3 - 1 + 4) + 2 * 10 * 4
     assert f["scoring"] == 2 * 100 * (5 + 3) + 2 * 100 * (7 + 3)
     assert f["update"] == 6 * 100 * (3 + 3) + 4 * 10 * 4 + 2 * (2 * 10 * 4)
+    # a group of 2 responses (lengths 4 and 2): prompts run once, responses once per row
+    g = step_flops(fm, 10, enc, ("partial",), 2, [4, 2], weight_grads=False)
+    assert g["rollout"] == 2 * 100 * (2 + 4 + 2) + 2 * 10 * (4 + 2)
+    assert g["scoring"] == 2 * 100 * (5 + 3 + 1)
+    assert g["update"] == 2 * 10 * 6 + 4 * 100 * ((3 + 3) + (3 + 1)) + 4 * 10 * 6
 
 
 def test_peer_ours_side_and_install_check(tiny_llama):

@@ -163,3 +163,15 @@ def test_quantized_base_trains_with_a_quantized_head(tiny_llama, tmp_path):
     summary = train(cfg, model, tok, lab_examples(), teacher=Teacher.create(model, tok, cfg.model))
     assert summary["steps_done"] == 3 and np.isfinite(summary["final_loss"])
     assert any(not np.array_equal(before[k], np.array(v)) for k, v in trainable(model).items())
+
+
+def test_full_fine_tune_trains_all_but_the_untied_head(tiny_llama, tmp_path):
+    """The fused loss gives the head no gradient: in a full fine-tune it is frozen, so weight
+    decay cannot shrink it either; every other weight trains (the embedding included)."""
+    cfg, model, _, before, _ = _run(tiny_llama, tmp_path / "r", **{
+        "model.fine_tune_type": "full", "train.weight_decay": 0.5, "train.learning_rate": 0.01})
+    assert "lm_head.weight" not in before and "model.embed_tokens.weight" in before
+    changed = {k for k, v in trainable(model).items() if not np.array_equal(before[k], np.array(v))}
+    assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
+    base, _ = load_student(cfg.model)
+    assert np.array_equal(np.array(model.lm_head.weight), np.array(base.lm_head.weight))

@@ -17,8 +17,8 @@ is 2N, the student's backward 2N more for input gradients plus 2N for weight gra
 weights train (full fine-tuning; the head is frozen by the fused loss, LoRA's own FLOPs are
 negligible). The student and each teacher view run the backbone over prompt + response[:-1]
 and the head over the response only (the teacher views' head projections happen inside the
-fused loss, so they count in the update phase); generation runs prompt + response[:-1]
-through the backbone and T positions through the head. Padding and attention's T^2 term are not counted.
+fused loss, so they count in the update phase); the rollout and the teacher views run each
+prompt once per group (prefix.py), then one position per response token. Padding and attention's T^2 term are not counted.
 """
 
 from __future__ import annotations
@@ -141,14 +141,17 @@ def bench_step(model_name: str = "lab", batch: int = 8, group: int = 4, max_new_
 
 def step_flops(fm: FlopModel, head_params: int, encoded, views, group: int, resp_lengths,
                weight_grads: bool) -> dict:
-    """Useful FLOPs of one step, per phase (see the module docstring)."""
+    """Useful FLOPs of one step, per phase (see the module docstring). The rollout and the
+    teacher's scoring run each prompt once for its whole group (prefix.py); the student's
+    update runs prompt + response for every row."""
     body = fm.n_matmul - head_params
     student_p = [len(e.prompts["student"]) for e in encoded for _ in range(group)]
-    gen = sum(2 * body * (p + t - 1) + 2 * head_params * t for p, t in zip(student_p, resp_lengths))
+    gen = sum(2 * body * (len(e.prompts["student"]) - 1) for e in encoded)  # prefill, once
+    gen += sum(2 * body * t + 2 * head_params * t for t in resp_lengths)  # one position per token
     scoring, teacher_head = 0, 0
     for v in views:  # scoring stops at the hidden states: the fused loss projects them
-        pv = [len(e.prompts[v]) for e in encoded for _ in range(group)]
-        scoring += sum(2 * body * (p + t - 1) for p, t in zip(pv, resp_lengths))
+        scoring += sum(2 * body * len(e.prompts[v]) for e in encoded)
+        scoring += sum(2 * body * (t - 1) for t in resp_lengths)
         teacher_head += sum(2 * head_params * t for t in resp_lengths)
     k = 6 if weight_grads else 4
     update = teacher_head + sum(k * body * (p + t - 1) + 4 * head_params * t

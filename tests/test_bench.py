@@ -156,3 +156,12 @@ def test_goal_rows_mark_misses():
     rows = goal_rows("peer", {"model": "lab", "speedups": {"trl gkd-tuned": 1.3,
                                                            "trl gkd-default": 2.0}})
     assert [r["met"] for r in rows] == ["yes", "NO"]
+
+
+def test_busy_machine_warning():
+    from aropd_mlx.bench.suite import busy_note
+
+    assert busy_note({"loadavg_start": [1.2, 1, 1], "cpus": 2}) is None
+    note = busy_note({"loadavg_start": [4.1, 3, 3], "cpus": 2})
+    assert note.startswith("warning: load average 4.1 on 2 CPUs")
+    assert busy_note({"loadavg_start": None, "cpus": 2}) is None

@@ -115,12 +115,24 @@ def machine_info() -> dict:
     return info
 
 
+def busy_note(machine: dict) -> str | None:
+    """A warning when other work loads the machine: ratios then mislead (torch's threads lose
+    far more to contention than MLX: BENCHMARKS.md, "A correction")."""
+    load, cpus = (machine.get("loadavg_start") or [0.0])[0], machine.get("cpus") or 1
+    if load <= 0.75 * cpus:
+        return None
+    return (f"warning: load average {load:.1f} on {cpus} CPUs before the run: other jobs are "
+            "using the machine; the peer ratios in particular are not reliable (run it idle)")
+
+
 def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None = None,
               install: bool = True, echo: Callable[[str], None] = print,
               sizes: dict | None = None) -> dict:
     """Run the named benchmarks; returns {"machine", "results", "table"} (JSON-ready)."""
     out = {"machine": machine_info(), "size": "quick" if quick else "default",
            "results": {}, "table": []}
+    if busy_note(out["machine"]):
+        echo(busy_note(out["machine"]))
     for bench in which:
         fn, fmt = _runner(bench)
         plan = (sizes or {}).get(bench) or SIZES[bench]["quick" if quick else "default"]

@@ -42,7 +42,7 @@ class ObjectiveSettings:
     reduction: str = "sequence"  # sequence | token
     # rows (tokens) per chunk in the fused loss: about 29 fp32 (chunk, V) buffers live at once
     # (1.1 GB at V = 152k); 64 took ~10% more CPU time than 128 (T = 256) for half the memory
-    chunk_size: int = 64
+    chunk_size: int = 64  # fused loss: rows per chunk at V >= 32768 (more rows below: fused.chunk_rows)
 
     def validate(self) -> None:
         """Raise `UserError` naming the first out-of-range field."""
@@ -87,18 +87,24 @@ _LOG2E = 1.4426950408889634
 
 def exp(x: mx.array) -> mx.array:
     """e^x. On MLX's CPU backend `mx.exp` costs ~11.7 ns per element on x86 while
-    `mx.power(2, x)` costs ~4.3 (docs/BENCHMARKS.md), so there it is 2^(x log2 e): the same
-    value within ~2e-6 relative (mx.exp's own error is of that size), 0 at -inf, inf at +inf.
-    On a GPU, mx.exp. This is where the loss spends most of its elementwise time over V."""
-    if mx.default_device() == mx.cpu:
+    `mx.power(2, x)` costs ~4.3 (docs/BENCHMARKS.md), so there, over a last axis of 1024 or
+    more, it is 2^(x log2 e): the same value within ~1e-6 relative (mx.exp's own error is of
+    that size), 0 at -inf, inf at +inf. On a GPU, mx.exp. This is where the loss spends most of its elementwise time over V."""
+    if _fast_cpu_path(x):
         return mx.power(2.0, x * _LOG2E)
     return mx.exp(x)
+
+
+def _fast_cpu_path(x: mx.array) -> bool:
+    """2^(x log2 e) pays on the CPU over a vocabulary-sized last axis; over a small one its
+    extra ops cost more than they save (V = 99: 1.5x slower; V = 4096: 1.47x faster)."""
+    return mx.default_device() == mx.cpu and x.ndim > 0 and x.shape[-1] >= 1024
 
 
 def logsumexp(x: mx.array) -> mx.array:
     """log sum_v e^x over the last axis (kept), through `exp`. A row of -inf gives -inf, a row
     with +inf gives +inf, as mx.logsumexp does; the gradient is the softmax."""
-    if mx.default_device() != mx.cpu:
+    if not _fast_cpu_path(x):
         return mx.logsumexp(x, axis=-1, keepdims=True)
     top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
     top = mx.where(mx.isinf(top), 0.0, top)  # all -inf (or an inf): shift by 0, exp decides

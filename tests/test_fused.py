@@ -11,6 +11,29 @@ from aropd_mlx.fused import OutputHead, fused_loss
 from aropd_mlx.objective import ObjectiveSettings, naive_loss
 
 
+@pytest.fixture(autouse=True)
+def rows_per_chunk_as_given(monkeypatch):
+    """These tests use tiny vocabularies; chunk_size rows per chunk there too, so that they
+    exercise many chunks (in use, a small vocabulary takes more rows per chunk)."""
+    monkeypatch.setattr(fused, "REFERENCE_VOCAB", 1)
+
+
+def test_small_vocabularies_take_more_rows_per_chunk(monkeypatch):
+    monkeypatch.setattr(fused, "REFERENCE_VOCAB", 32768)
+    assert fused.chunk_rows(64, 151936) == 64 and fused.chunk_rows(64, 32768) == 64
+    assert fused.chunk_rows(64, 32000) == 64 and fused.chunk_rows(64, 4096) == 512
+    assert fused.chunk_rows(64, 99) == 64 * 330 and fused.chunk_rows(1, 40000) == 1
+    calls = []
+    real = fused._run_chunks
+    monkeypatch.setattr(fused, "_run_chunks", lambda *a: calls.append(a[-1]) or real(*a))
+    head, hs, ht, hf, tok, mask = make(b=3, t=40, v=4096)
+    s = ObjectiveSettings(chunk_size=8)
+    out = fused_loss(hs, head, tok, mask, ht, hf, settings=s)
+    want = naive_loss(head(hs), tok, mask, head(ht), head(hf), settings=s)
+    assert calls == [min(8 * 8, 120)]
+    np.testing.assert_allclose(np.array(out.per_token), np.array(want.per_token), rtol=1e-5, atol=1e-6)
+
+
 def make(b=2, t=7, h=8, v=33, seed=0, scale=1.0, quantize=False):
     r = np.random.default_rng(seed)
     w = r.normal(size=(v, h)).astype(np.float32) * scale

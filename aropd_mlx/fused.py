@@ -152,11 +152,9 @@ def _lanes() -> list:
     2-core machine). On a GPU one stream already fills the device."""
     if mx.default_device() != mx.cpu:
         return [mx.default_stream(mx.default_device())]
-    if not _CPU_LANES:
-        _CPU_LANES.extend([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    elif _CPU_LANES[0] != mx.default_stream(mx.cpu):
-        _CPU_LANES[0] = mx.default_stream(mx.cpu)
-    return _CPU_LANES
+    if not _CPU_LANES:  # made once: a new stream is a new thread
+        _CPU_LANES.append(mx.new_stream(mx.cpu))
+    return [mx.default_stream(mx.cpu), _CPU_LANES[0]]
 
 
 def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):

@@ -76,7 +76,8 @@ class TrainSettings:
         if self.lr_schedule not in ("cosine", "constant"):
             raise UserError(f"train.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.lam_schedule not in ("constant", "linear-warmup", "cosine"):
-            raise UserError(f"train.lam_schedule must be constant, linear-warmup or cosine")
+            raise UserError("train.lam_schedule must be constant, linear-warmup or cosine, "
+                            f"got {self.lam_schedule!r}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.micro_batch_size < 0:
             raise UserError("train.grad_clip, weight_decay and micro_batch_size must be >= 0")
         if len(self.sft_view_mix) != 3 or min(self.sft_view_mix) < 0 or sum(self.sft_view_mix) <= 0:

@@ -164,7 +164,7 @@ def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):
     a lazy eval walks each lane in order, one chunk per lane at a time. With two lanes each
     chunk is half of `chunk` rows, so the rows in flight, and the peak memory, stay the same."""
     n_rows = tokens.size
-    lanes = _lanes() if chunk > 1 else _lanes()[:1]
+    lanes = _lanes()[: None if chunk > 1 else 1]  # one row per chunk: nothing to halve
     chunk = -(-chunk // len(lanes))  # `chunk` rows over V in flight in all, whatever the lanes
     n_chunks = -(-n_rows // chunk)
     h_s = _rows(student_h, n_chunks, chunk)

@@ -368,7 +368,7 @@ def compare_markdown(comp: dict) -> str:
     variants = comp["variants"]
     ks = sorted({k for v in variants for k in v["by_k"]}, key=int)
     long = f"k = {ks[-1]}" if ks else "the longest length bucket"
-    head = [f"# Method comparison on the built-in lab\n",
+    head = ["# Method comparison on the built-in lab\n",
             f"{s['steps']} optimizer steps per trained method, {s['seeds']} seed(s) "
             f"(base: one greedy evaluation, deterministic), training pool "
             f"{lab.get('n_train_pool', '?')} oracle-traced problems, held-out set "

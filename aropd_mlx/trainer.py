@@ -26,8 +26,8 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from aropd_mlx import checkpoint as ckpt
-from aropd_mlx.batches import METHOD_VIEWS, Encoded, PromptEncoder, draw_batch  # noqa: F401 - API
 from aropd_mlx import distributed as dist
+from aropd_mlx.batches import METHOD_VIEWS, Encoded, PromptEncoder, draw_batch  # noqa: F401 - API
 from aropd_mlx.config import RunConfig, save_config
 from aropd_mlx.data import Example
 from aropd_mlx.diagnostics import RunDiagnostics
@@ -38,6 +38,7 @@ from aropd_mlx.objective import ObjectiveSettings, response_mask
 from aropd_mlx.optimizer import make_optimizer, optimizer_step  # noqa: F401 - make_optimizer: API
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.scoring import response_hidden, score_views
+
 
 @dataclass
 class LoopState:

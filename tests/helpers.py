@@ -1,4 +1,6 @@
 """Small builders shared by tests: lab-style examples and a tiny run config."""
+import numpy as np
+
 from aropd_mlx.config import load_config
 from aropd_mlx.data import Example
 from aropd_mlx.lab import task
@@ -14,3 +16,20 @@ def tiny_config(model_path, out, **overrides):
             "train.steps": 3, "train.batch_size": 4, "train.save_every": 2,
             "rollout.group_size": 2, "rollout.max_new_tokens": 12}
     return load_config(overrides={**base, **overrides})
+
+
+# What the code promises about numbers (README "Numerics"): the same computation on the same
+# machine and BLAS repeats bit for bit (resume, teacher snapshots). Two *different*
+# computations of one value (two CPU lanes vs one, a prefix cache vs full sequences, the
+# fused vs the naive loss) may sum in another order: a multithreaded BLAS blocks a GEMM by
+# shape, thread count and concurrent streams. Those agree to float32 rounding, which grows
+# with the length of the sums involved and the magnitude of the values summed.
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def float32_tolerance(*sum_lengths: int, magnitude: float = 1.0, safety: float = 4.0) -> float:
+    """Absolute tolerance between two float32 computations that differ only in summation order:
+    `safety` x eps x (total length of the sums along the path) x the largest magnitude summed.
+    (The classical bound on a recursive sum is n * eps * sum |x_i|; blocked and pairwise sums
+    do far better, so this is loose for real bugs' O(1e-2..1) errors but never flaky.)"""
+    return safety * F32_EPS * max(sum(sum_lengths), 1) * max(magnitude, 1.0)

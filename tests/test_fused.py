@@ -10,6 +10,8 @@ from aropd_mlx import fused, objective as obj
 from aropd_mlx.fused import OutputHead, fused_loss
 from aropd_mlx.objective import ObjectiveSettings, naive_loss
 
+from helpers import float32_tolerance
+
 
 @pytest.fixture(autouse=True)
 def rows_per_chunk_as_given(monkeypatch):
@@ -135,7 +137,9 @@ def test_fused_without_diagnostics_equals_naive_loss_and_gradient(loss_type):
 @pytest.mark.parametrize("chunk", [1, 2, 5, 64])
 def test_lanes_give_the_one_lane_result(chunk, monkeypatch):
     """On the CPU, chunks alternate over two streams (fused._lanes); the result must be the
-    one-stream result bit for bit, with every chunk size (odd, 1: a single lane)."""
+    one-stream result, with every chunk size (odd, 1: a single lane). Not bit for bit: with
+    two streams running, a multithreaded BLAS may block the head's GEMMs differently (one ulp,
+    seen on AMD); the agreement is float32 rounding over the sums involved (H, then V)."""
     head, hs, ht, hf, tok, mask = make(b=3, t=7)
     s = ObjectiveSettings(chunk_size=chunk, alpha=0.5)
 
@@ -151,10 +155,20 @@ def test_lanes_give_the_one_lane_result(chunk, monkeypatch):
     assert len(fused._lanes()) == 2 and mx.default_device() == mx.cpu
     monkeypatch.setattr(fused, "_lanes", lambda: [mx.default_stream(mx.cpu)])
     one, g_one = run()
-    assert np.array_equal(np.array(two.per_token), np.array(one.per_token))
-    assert np.array_equal(np.array(g_two), np.array(g_one))
+    h, v = hs.shape[-1], head.weight.shape[0]
+    logit_max = max(float(mx.abs(head(x)).max()) for x in (hs, ht, hf))
+    tol = float32_tolerance(h, v, magnitude=logit_max)
+
+    def close(a, b, what):
+        a, b = np.array(a), np.array(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(np.abs(b).max(), 1.0), err_msg=what)
+
+    close(two.per_token, one.per_token, "per_token")
+    close(g_two, g_one, "gradient")
     for k in one.diagnostics:
-        assert np.array_equal(np.array(two.diagnostics[k]), np.array(one.diagnostics[k])), k
+        close(two.diagnostics[k], one.diagnostics[k], k)
+    # a wrong lane order (chunks swapped between rows) moves a value by far more than that
+    assert tol * max(float(mx.abs(one.per_token).max()), 1.0) < 1e-2
 
 
 def test_fused_gradient_for_a_per_token_cotangent():
@@ -272,8 +286,13 @@ def test_property_fused_equals_naive(b, t, v, chunk, scale, loss_type, alpha, se
     bits = [(mask_bits >> i) & 1 for i in range(b * t)]
     mask = mx.array(np.array(bits, bool).reshape(b, t))
     s = ObjectiveSettings(chunk_size=chunk, loss_type=loss_type, alpha=alpha, skip_first_tokens=1)
-    # extreme logits: compare with a tolerance relative to the largest value in play
-    assert_same(*both(head, hs, tok, mask, ht, hf, s), rtol=1e-5, atol=1e-5 * max(1.0, scale),
+    # Extreme logits (scale 30: |z| up to ~250) make the comparison ill-conditioned: the
+    # naive and fused paths sum in other orders, and a saturated softmax's log-ratios amplify
+    # one rounding of a logit by |z|. Tolerance: float32 rounding over the sums in play (H, V)
+    # at the largest logit, with the |z| amplification of the log-space divergences.
+    logit_max = max(float(mx.abs(head(x)).max()) for x in (hs, ht, hf))
+    tol = float32_tolerance(4, v, magnitude=logit_max, safety=16.0)
+    assert_same(*both(head, hs, tok, mask, ht, hf, s), rtol=1e-5, atol=max(tol, 1e-6),
                 nonzero=False)
 
 

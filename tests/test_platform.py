@@ -24,8 +24,8 @@ PROBE = ("from aropd_mlx.platform import ensure_fast_blas, loaded_blas; "
 
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV,
-                        "PYTEST_CURRENT_TEST")}
+           if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH", plat.MARKER_ENV, plat.OPT_OUT_ENV,
+                        plat.QUIET_ENV, plat.CHOICE_ENV, "PYTEST_CURRENT_TEST")}
     env.update(extra)
     return env
 
@@ -129,7 +129,7 @@ def test_missing_blas_warns_once_with_install_command(monkeypatch, capsys):
     plat.ensure_fast_blas()
     err = capsys.readouterr().err
     assert err.count("no fast BLAS found") == 1
-    assert "sudo apt-get install libopenblas0-pthread" in err and "pip install mkl" in err
+    assert "sudo apt-get install libopenblas0-pthread" in err and "pip install cmeel-openblas" in err
 
 
 def test_under_pytest_never_reexecs(monkeypatch):
@@ -189,3 +189,62 @@ def test_doctor_info_keys_and_format():
 def test_doctor_info_measures_gemm(monkeypatch):
     monkeypatch.setattr(plat, "gemm_gflops", lambda *a, **k: 12.5)
     assert plat.doctor_info()["gemm_gflops"] == 12.5
+
+
+CMEEL = plat._cmeel_openblas() if LINUX else None
+MAPS_PROBE = PROBE + """
+import ctypes
+libs = [l.split()[-1] for l in open('/proc/self/maps') if l.split()[-1].startswith('/')]
+print([p for p in dict.fromkeys(libs) if 'gfortran' in p or 'blas' in p.lower()])
+"""
+
+
+@needs_linux
+@pytest.mark.skipif(CMEEL is None, reason="cmeel-openblas (a Linux dependency) not installed")
+def test_pip_openblas_is_first_and_needs_no_system_library():
+    """A bare machine has no libopenblas and no libgfortran: cmeel's OpenBLAS must run on
+    mlx-cpu's own libgfortran, whatever the system has, and be chosen before a system BLAS."""
+    assert plat.find_fast_blas() == CMEEL
+    proc = _run(["-c", MAPS_PROBE], _env())
+    blas, mapped = proc.stdout.splitlines()
+    assert blas == f"OpenBLAS ({CMEEL})"
+    mapped = eval(mapped)  # noqa: S307 - our own probe's printed list
+    gfortran = [p for p in mapped if "gfortran" in p]
+    assert gfortran and all("mlx_cpu.libs" in p for p in gfortran), mapped
+    assert all("cmeel.prefix" in p for p in mapped if "libopenblas" in p), mapped
+    assert plat.gemm_gflops(256, repeats=1) > 0
+
+
+def test_blas_order_and_override(monkeypatch, tmp_path):
+    monkeypatch.setattr(plat.sys, "platform", "linux")
+    monkeypatch.delenv(plat.CHOICE_ENV, raising=False)
+    pip_blas = str(tmp_path / "cmeel.prefix" / "lib" / "libopenblas.so.0")
+    monkeypatch.setattr(plat, "_cmeel_openblas", lambda: pip_blas)
+    monkeypatch.setattr(plat, "_gfortran_links", lambda: str(tmp_path / "links"))
+    assert plat.find_fast_blas() == pip_blas  # before any system OpenBLAS
+    env = plat.blas_env(pip_blas, {"LD_PRELOAD": "/a.so", "LD_LIBRARY_PATH": "/x"})
+    assert env["LD_PRELOAD"] == f"{pip_blas}:/a.so"
+    assert env["LD_LIBRARY_PATH"] == f"{tmp_path / 'links'}:/x"
+    monkeypatch.setattr(plat, "_gfortran_links", lambda: None)  # no libgfortran to give it
+    assert plat.find_fast_blas() != pip_blas
+    own = tmp_path / "libmyblas.so"
+    own.write_bytes(b"")
+    monkeypatch.setenv(plat.CHOICE_ENV, str(own))
+    assert plat.find_fast_blas() == str(own)
+    assert plat.blas_env(str(own), {})["LD_PRELOAD"] == str(own)
+    monkeypatch.setenv(plat.CHOICE_ENV, str(tmp_path / "missing.so"))
+    assert plat.find_fast_blas() is None
+
+
+@needs_linux
+@pytest.mark.skipif(CMEEL is None, reason="cmeel-openblas (a Linux dependency) not installed")
+def test_shell_exports_run_a_shell_on_the_fast_blas():
+    exports = subprocess.run([sys.executable, "-c", "from aropd_mlx.platform import "
+                              "shell_exports; print(shell_exports(), end='')"], env=_env(),
+                             capture_output=True, text=True, check=True).stdout
+    assert exports.startswith("export LD_PRELOAD=")
+    script = exports + f"{sys.executable} -c " + repr(
+        "from aropd_mlx.platform import loaded_blas; print(loaded_blas())")
+    out = subprocess.run(["bash", "-c", script], env=_env(**{plat.OPT_OUT_ENV: "1"}),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"OpenBLAS ({CMEEL})"

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -60,6 +62,22 @@ def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again
     lab = prepare_lab(lab_settings_for(), rebuild=rebuild,
                       on_step=train._build_progress())
     typer.echo(f"lab model: {lab.model_path}\ntrain data: {lab.train_path}\neval data: {lab.eval_path}")
+
+
+@lab_app.command("measure")
+@handles_errors
+def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers here.")):
+    """What the lab's self-teacher can do on held-out problems, by k: greedy all-steps-correct
+    under the student, partial and full views, and temperature-1 samples of the student view."""
+    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.measure import format_measure, measure_lab
+    from aropd_mlx.lab.setup import prepare_lab
+
+    lab = prepare_lab(lab_settings_for(), on_step=train._build_progress())
+    numbers = measure_lab(lab)
+    typer.echo(format_measure(numbers))
+    if json_out:
+        json_out.write_text(json.dumps(numbers, indent=2))
 
 
 def main() -> None:

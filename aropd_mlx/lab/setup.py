@@ -22,7 +22,7 @@ from typing import Callable
 
 from aropd_mlx import __version__
 from aropd_mlx.data import Example, write_examples
-from aropd_mlx.lab import task
+from aropd_mlx.lab import shipped, task
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 
 
@@ -143,7 +143,9 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
 
 def prepare_lab(settings: LabSettings = LabSettings(), *, rebuild: bool = False,
                 on_step: Callable | None = None, root: Path | None = None) -> Lab:
-    """The lab's data and warm-started model, built once and cached (atomic: a rename)."""
+    """The lab's data and warm-started model, cached (atomic: a rename). The model is the one
+    shipped in the package when `settings` are its recipe (lab/shipped.py), else built once;
+    `rebuild` always trains it again from scratch."""
     root = Path(root) if root else cache_root() / settings.key()
     lab = Lab(settings, root)
     if rebuild:
@@ -152,8 +154,9 @@ def prepare_lab(settings: LabSettings = LabSettings(), *, rebuild: bool = False,
         return lab
     root.mkdir(parents=True, exist_ok=True)
     write_data(settings, root)
-    built = warm_start(settings, root, on_step)
-    os.replace(built, lab.model_path)
+    if rebuild or not shipped.install(settings, lab.model_path):  # shipped.py: no warm start
+        built = warm_start(settings, root, on_step)
+        os.replace(built, lab.model_path)
     (root / "lab.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
     shutil.rmtree(root / "init", ignore_errors=True)
     return lab

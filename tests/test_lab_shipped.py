@@ -1,0 +1,76 @@
+"""The shipped lab model (lab/shipped.py): hashes, install instead of a warm start, and the
+measurement the manifest records (lab/measure.py)."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from aropd_mlx.errors import UserError
+from aropd_mlx.lab import setup, shipped
+from aropd_mlx.lab.measure import rates_by_k, well_formed
+from aropd_mlx.lab.setup import LabSettings, prepare_lab
+from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
+
+from helpers import lab_examples
+
+SMALL = LabSettings(n_train=64, n_eval_per_k=2, eval_ks=(1, 2), k_max=2,
+                    spec=TinySpec(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64),
+                    warm_steps=2, warm_batch=4)
+
+
+@pytest.fixture
+def ship(tmp_path):
+    """A shipped folder holding a tiny model built with SMALL's spec."""
+    model = build_tiny_model(tmp_path / "built", SMALL.spec)
+    folder = tmp_path / "shipped"
+    shipped.export(model, SMALL, {"student": {"all": {"all_steps_correct": 0.5}}}, folder)
+    return folder
+
+
+def test_export_records_recipe_and_hashes(ship, tmp_path):
+    found = shipped.verify(ship)
+    assert found["recipe"] == shipped.recipe(SMALL)
+    assert set(found["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    for name, digest in found["files"].items():  # independent: hashlib over the files
+        import hashlib
+        assert hashlib.sha256((ship / name).read_bytes()).hexdigest() == digest
+    assert shipped.matches(SMALL, ship) and not shipped.matches(replace(SMALL, seed=1), ship)
+
+
+def test_a_damaged_file_is_named(ship):
+    with open(ship / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        byte = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(UserError, match="model.safetensors is missing or damaged"):
+        shipped.verify(ship)
+
+
+def test_prepare_lab_installs_the_shipped_model_without_a_warm_start(ship, tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", ship)
+    monkeypatch.setattr(setup, "warm_start", lambda *a, **k: pytest.fail("warm start ran"))
+    lab = prepare_lab(SMALL, root=tmp_path / "cache")
+    assert (lab.model_path / "model.safetensors").read_bytes() == (ship / "model.safetensors").read_bytes()
+    assert lab.train_path.is_file() and lab.eval_path.is_file()
+    # another recipe is not the shipped one: it is built (here: the warm start is called)
+    called = []
+    monkeypatch.setattr(setup, "warm_start", lambda *a, **k: called.append(1) or
+                        build_tiny_model(tmp_path / "other" / "model.tmp", SMALL.spec))
+    prepare_lab(replace(SMALL, seed=5), root=tmp_path / "other")
+    assert called == [1]
+
+
+def test_well_formed_and_rates_follow_the_checker():
+    assert well_formed("7+5=2\n2*3=6\nA:6") and well_formed("A:3")
+    assert not well_formed("7+5=2\n2*3=6") and not well_formed("7+5=22\nA:2")
+    assert not well_formed("") and not well_formed("7+5=2\nA:12")
+    ex = lab_examples(n=6, k_min=2, k_max=2, seed=3)
+    from aropd_mlx.lab import task
+    oracle = [task.format_response(*task.solve(e.question)) for e in ex]
+    r = rates_by_k(ex, oracle)
+    assert r["all"]["all_steps_correct"] == 1.0 and r["all"]["well_formed"] == 1.0
+    assert r["by_k"]["2"]["n"] == 6
+    wrong = ["A:" + str((int(task.solve(e.question)[1]) + 1) % 10) for e in ex]
+    r = rates_by_k(ex, wrong)
+    assert r["all"]["accuracy"] == 0.0 and r["all"]["shortcut_rate"] == 1.0  # no steps written

@@ -37,6 +37,7 @@ REFERENCES = ("full-opd", "sft", "partial-opd", "base")
 class CompareSettings:
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (fresh seeds: a new check)
     steps: int = 150
     lams: tuple[float, ...] = (0.8,)  # AR-OPD lambda; several: one AR-OPD variant each
     partial_ratios: tuple[float, ...] = (0.5,)  # partial view; applies to partial-opd, ar-opd
@@ -51,6 +52,8 @@ class CompareSettings:
             raise UserError(f"compare: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
         if self.seeds < 1 or self.steps < 1:
             raise UserError("compare: --seeds and --steps must be >= 1")
+        if self.first_seed < 0:
+            raise UserError(f"compare: --first-seed must be >= 0, got {self.first_seed}")
         if not self.lams or any(l < 0 for l in self.lams):
             raise UserError("compare: --lams must be numbers >= 0")
         if not self.partial_ratios or any(not 0 <= r <= 1 for r in self.partial_ratios):
@@ -99,6 +102,13 @@ def plan(settings: CompareSettings) -> list[Variant]:
         else:
             variants.append(Variant(method, method))
     return variants
+
+
+def schedule(settings: CompareSettings) -> list[tuple[Variant, int]]:
+    """(variant, seed) pairs in run order; base is evaluated once (it is deterministic)."""
+    first = settings.first_seed
+    return [(v, s) for v in plan(settings)
+            for s in range(first, first + (1 if v.method == "base" else settings.seeds))]
 
 
 def run_overrides(lab, variant: Variant, seed: int, steps: int, run_dir: Path,
@@ -188,12 +198,17 @@ def aggregate(variants: list[Variant], results: dict[str, list[dict]]) -> list[d
         for k in ks:
             row["by_k"][k] = {m: mean_ci([r["eval"]["by_k"].get(k, {}).get(m) for r in runs.values()])
                               for m in ("accuracy", "all_steps_correct_rate", "shortcut_rate")}
+        row["deltas_by_k"] = {}
         for ref in REFERENCES:
             if ref in by_name and ref != v.name:
                 ref_runs = by_name[ref]
                 row["deltas"][ref] = {m: paired_deltas(
                     {s: r["metrics"][m] for s, r in runs.items()},
                     {s: r["metrics"][m] for s, r in ref_runs.items()}) for m in METRICS}
+                row["deltas_by_k"][ref] = {k: {m: paired_deltas(
+                    {s: r["eval"]["by_k"].get(k, {}).get(m) for s, r in runs.items()},
+                    {s: r["eval"]["by_k"].get(k, {}).get(m) for s, r in ref_runs.items()})
+                    for m in ("all_steps_correct_rate", "shortcut_rate")} for k in ks}
         row["train_seconds_mean"] = mean_ci([r["train_seconds"] for r in runs.values()])["mean"]
         rows.append(row)
     return rows
@@ -234,8 +249,7 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
         lab = prepare_lab(lab_settings_for(load_config()))
     data = load_lab_data(lab, settings.pool)
     variants = plan(settings)
-    jobs = [(v, s) for v in variants
-            for s in (range(1) if v.method == "base" else range(settings.seeds))]
+    jobs = schedule(settings)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
     t0 = time.perf_counter()
     for i, (v, seed) in enumerate(jobs, 1):

@@ -382,7 +382,8 @@ def compare_markdown(comp: dict) -> str:
             "±1.96·sqrt(p(1−p)/n) of sampling noise (±0.07 at p = 0.5, n = 192).\n"]
     rows = []
     for v in variants:
-        row = {"method": v["name"], "seeds": len(v["seeds"])}
+        name = v["name"] + (" (no-signal control)" if v["method"] == "opd" else "")
+        row = {"method": name, "seeds": len(v["seeds"])}
         for m in ("accuracy", "all_steps_correct_rate", "long_accuracy", "shortcut_rate"):
             row[METRIC_LABELS[m]] = format_ci(v["stats"][m])
         for ref in ("full-opd", "sft"):
@@ -394,9 +395,20 @@ def compare_markdown(comp: dict) -> str:
             table = [{"method": v["name"], **{f"k={k}": format_ci(v["by_k"].get(k, {}).get(metric, {}))
                                               for k in ks}} for v in variants]
             parts += [f"\n## {METRIC_LABELS[metric]} by k\n", markdown_table(table)]
+    arop = next((v for v in variants if v["method"] == "ar-opd"), None)
+    if ks and arop is not None and arop.get("deltas_by_k"):
+        for metric in ("all_steps_correct_rate", "shortcut_rate"):
+            table = [{"AR-OPD minus": ref, **{f"k={k}": _delta_text(arop["deltas_by_k"][ref]
+                                                                 .get(k, {}).get(metric))
+                                              for k in ks}} for ref in arop["deltas_by_k"]]
+            parts += [f"\n## {arop['name']} minus each reference, {METRIC_LABELS[metric]} by k "
+                      "(paired by seed)\n", markdown_table(table)]
     reading = _reading(variants)
     if reading:
         parts += ["\n## AR-OPD against the references\n", "\n".join(reading) + "\n"]
+    parts.append("\n`opd` scores with the self-teacher's own student view: with a frozen self-teacher "
+                 "its target is the student at the start (KL 0), a control with no privileged "
+                 "signal.\n")
     parts.append("\nSFT trains on the lab's clean oracle traces, which are exactly in the "
                  "student's output format: read it as a ceiling, not a rival (shared/LAB.md).\n")
     return "\n".join(parts)

@@ -33,6 +33,8 @@ def compare_command(
     quick: bool = typer.Option(False, "--quick",
                                help="3 seeds x 30 steps (<= 15 min on 2 idle cores, lab built)."),
     seeds: Optional[int] = typer.Option(None, help="Seeds per trained method (default 3)."),
+    first_seed: Optional[int] = typer.Option(None, "--first-seed",
+                                             help="First seed (default 0): fresh seeds re-check a result."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per run (default 150)."),
     lams: Optional[List[str]] = typer.Option(None, help="AR-OPD lambda values, e.g. 0.6,0.8,1.2."),
     partial_ratios: Optional[List[str]] = typer.Option(
@@ -56,7 +58,7 @@ def compare_command(
     settings = CompareSettings(out=out, reuse=not fresh, pool=pool)
     if quick:
         settings = quick_settings(settings)
-    given = {"seeds": seeds, "steps": steps, "lams": parse_list(lams, float, "lams"),
+    given = {"seeds": seeds, "first_seed": first_seed, "steps": steps, "lams": parse_list(lams, float, "lams"),
              "partial_ratios": parse_list(partial_ratios, float, "partial-ratios"),
              "methods": parse_list(methods, str, "methods")}
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None}).validate()

@@ -201,3 +201,35 @@ def test_cli_report_and_compare_errors(tmp_path):
     assert bad.exit_code == 2 and "unknown method 'dpo'" in bad.output
     bad = CliRunner().invoke(app, ["compare", "--lams", "0.6,x"])
     assert bad.exit_code == 2 and "--lams" in bad.output
+
+
+def test_paired_deltas_by_k_and_first_seed():
+    """aggregate(): AR-OPD minus a reference by k, paired by seed (hand-computed), and the
+    seeds a compare runs start at first_seed."""
+    from aropd_mlx.compare import Variant, aggregate, plan
+    from aropd_mlx.report import compare_markdown
+
+    def run(seed, acc, by_k):
+        return {"seed": seed, "train_seconds": 1.0,
+                "metrics": {m: acc for m in ("accuracy", "all_steps_correct_rate", "long_accuracy",
+                                             "long_all_steps_correct_rate", "shortcut_rate")},
+                "eval": {"by_k": {k: {"accuracy": v, "all_steps_correct_rate": v,
+                                      "shortcut_rate": 1 - v} for k, v in by_k.items()}}}
+
+    variants = [Variant("opd", "opd"), Variant("full-opd", "full-opd"), Variant("ar-opd", "ar-opd")]
+    results = {"opd": [run(5, 0.5, {"2": 0.5}), run(6, 0.5, {"2": 0.5})],
+               "full-opd": [run(5, 0.4, {"2": 0.6, "8": 0.1}), run(6, 0.5, {"2": 0.7, "8": 0.3})],
+               "ar-opd": [run(5, 0.6, {"2": 0.7, "8": 0.4}), run(6, 0.6, {"2": 0.7, "8": 0.4})]}
+    rows = aggregate(variants, results)
+    d = rows[2]["deltas_by_k"]["full-opd"]["8"]["all_steps_correct_rate"]
+    assert d["n"] == 2 and abs(d["mean"] - 0.2) < 1e-12  # (0.3 + 0.1) / 2
+    # t(0.975, 1) = 12.706; sd of (0.3, 0.1) = 0.1414; half width = 12.706 * 0.1414 / sqrt 2
+    assert abs(d["half_width"] - 12.706 * 0.1414214 / 2 ** 0.5) < 1e-3
+    md = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {}, "variants": rows})
+    assert "opd (no-signal control)" in md and "ar-opd minus each reference" in md
+    assert "+0.200 [" in md
+    s = CompareSettings(seeds=2, first_seed=5, methods=("base", "ar-opd"))
+    from aropd_mlx.compare import schedule
+    assert [(v.name, seed) for v, seed in schedule(s)] == [("base", 5), ("ar-opd", 5), ("ar-opd", 6)]
+    with pytest.raises(UserError):
+        CompareSettings(first_seed=-1).validate()

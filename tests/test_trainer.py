@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from aropd_mlx.batches import METHOD_VIEWS
 from aropd_mlx.config import METHODS
-from aropd_mlx.models import Teacher, head_from_model, load_student, trainable
+from aropd_mlx.head import head_from_model
+from aropd_mlx.models import Teacher, load_student, trainable
 from aropd_mlx.scoring import response_hidden
-from aropd_mlx.trainer import METHOD_VIEWS, train
+from aropd_mlx.trainer import train
 
 from helpers import lab_examples, tiny_config
 

@@ -99,7 +99,8 @@ def draw_batch(model, tokenizer, method: str, examples, views, settings, *, seed
     """The trainer's own batch for step 0: PromptEncoder, then draw_responses (sampled once)."""
     from aropd_mlx.config import RunConfig, TrainSettings
     from aropd_mlx.rollout import RolloutSettings
-    from aropd_mlx.trainer import METHOD_VIEWS, PromptEncoder, draw_responses, objective_for
+    from aropd_mlx.batches import METHOD_VIEWS, PromptEncoder
+    from aropd_mlx.trainer import draw_responses, objective_for
 
     if not getattr(tokenizer, "chat_template", None):
         views = replace(views, use_chat_template=False)

@@ -4,11 +4,16 @@ The teacher is a *parameter snapshot* of the trainable weights, swapped in for s
 - frozen: the adapters with the LoRA delta off (lora_b = 0, DoRA magnitudes at their start)
   -> exactly the base model, no second copy of the base weights in memory;
 - ema: an exponential moving average of the adapters (the paper: mix-up 0.01 every step);
-- a path: a separate model whose tokenizer and vocabulary must match the student's.
+- a path: a separate model whose tokenizer and vocabulary must match the student's; its hidden
+  size may differ, as its views are projected by its own output head (`Teacher.head`).
+
+Full fine-tuning trains every weight except an untied lm_head, which stays frozen; a tied
+embedding trains through both of its uses (fused.py gives the output side its gradient).
 
     model, tokenizer = load_student(ModelSettings(path="Qwen/Qwen2.5-0.5B-Instruct"))
     teacher = Teacher.create(model, tokenizer, ModelSettings(...))
     with teacher.active(model) as scorer: hidden = scorer.model(ids)
+    logits = teacher.head(model)(hidden)                 # each view through its own model's head
 """
 
 from __future__ import annotations
@@ -200,6 +205,10 @@ class Teacher:
             raise UserError(f"teacher {settings.teacher!r} (model.teacher / --teacher: frozen, ema "
                             f"or a model): {e}") from None
         check_same_vocabulary(tokenizer, other_tok, model, other, settings.teacher)
+        try:  # its views go through its own head: logits must be a plain projection there too
+            check_supported(other, other_tok)
+        except UserError as e:
+            raise UserError(f"teacher {settings.teacher!r}: {e}") from None
         other.freeze()
         return cls("model", model=other)
 

@@ -168,8 +168,9 @@ def test_quantized_base_trains_with_a_quantized_head(tiny_llama, tmp_path):
 
 
 def test_full_fine_tune_trains_all_but_the_untied_head(tiny_llama, tmp_path):
-    """The fused loss gives the head no gradient: in a full fine-tune it is frozen, so weight
-    decay cannot shrink it either; every other weight trains (the embedding included)."""
+    """An untied lm_head stays frozen in a full fine-tune (so weight decay cannot shrink it
+    either); every other weight trains (the embedding included). A tied head trains:
+    tests/test_heads.py."""
     cfg, model, _, before, _ = _run(tiny_llama, tmp_path / "r", **{
         "model.fine_tune_type": "full", "train.weight_decay": 0.5, "train.learning_rate": 0.01})
     assert "lm_head.weight" not in before and "model.embed_tokens.weight" in before

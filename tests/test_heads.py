@@ -160,3 +160,23 @@ def test_step_diagnostics_average_every_response_token(tiny_llama, tmp_path):
     for name in names:
         mean = np.sum(acc["sums"][name]) / np.sum(acc["counts"][name])
         np.testing.assert_allclose(line[name], mean, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_the_cli_trains_with_a_teacher_of_another_hidden_size(teachers, tiny_llama, tmp_path):
+    """`aropd-mlx train --teacher PATH` with a teacher of hidden size 32 under a 64 student
+    (before: a matmul shape error inside the loss)."""
+    from typer.testing import CliRunner
+
+    from aropd_mlx.cli.main import app
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Q:{i}+1", "solution": f"{i}+1={i + 1}",
+                                        "answer": str(i + 1)}) + "\n" for i in range(4)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--model", str(tiny_llama), "--data", str(data), "--out", str(out),
+        "--method", "ar-opd", "--teacher", str(teachers[32]), "--steps", "1", "--batch-size",
+        "2", "--group-size", "2", "--max-new-tokens", "6", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(line["loss"]) and line["kl_full_partial"] >= 0

@@ -6,6 +6,10 @@ is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> A
 
     run_dir = train(cfg, model, tokenizer, examples)          # writes metrics, adapters, summary
 
+run_step: draw_responses -> score_views under the teacher (its hidden states per view, and
+its own output head: `Scored`) -> accumulate (loss and gradients over micro-batches, summed
+over ranks) -> apply_update (clip, AdamW, skipped when not finite).
+
 Every random draw of step s comes from seeds derived from (train.seed, s), and every piece of
 state lives in the checkpoint, so a resumed run repeats an uninterrupted one bit for bit.
 """

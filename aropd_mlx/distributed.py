@@ -3,14 +3,15 @@
     mlx.launch -n 2 --backend ring -- aropd-mlx train ...                 # two ranks, one machine
     mlx.launch --hostfile hosts.json --backend ring -- aropd-mlx train ... # two Macs (DISTRIBUTED.md)
 
-`init()` returns the `World` this process belongs to. Not launched by `mlx.launch` (no
+`init()` returns the `World` this process belongs to. (The 1-rank vs 2-rank step benchmark:
+aropd_mlx/bench/distributed.py.) Not launched by `mlx.launch` (no
 MLX_RANK in the environment), it is a world of one that calls nothing in mx.distributed: every
 reduction below returns its input unchanged, so a plain run behaves exactly as before.
 
 Each step every rank draws the same global batch (data.batch_at), takes its contiguous shard
 (`shard`), samples and scores its own rollouts with its own seeds, and the trainer sums the
-gradients, the loss weight and the metric sums over ranks before the update: the update equals a
-one-rank run on the whole batch, and every rank applies it, so the weights never drift apart.
+gradients, the loss weight and the metric sums over ranks before the update (`World.reduce`):
+the update equals a one-rank run on the whole batch, and every rank applies it, so the weights never drift apart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,19 @@ class World:
             out.append((k, buf[i:i + v.size].reshape(v.shape).astype(v.dtype)))
             i += v.size
         return tree_unflatten(out)
+
+    def reduce(self, grads, values: list[float]):
+        """A step's cross-rank reduction: (the gradients summed over ranks, the host numbers
+        summed over ranks), evaluated; its seconds go to `last_reduce_s` (metrics). A world of
+        one returns both unchanged."""
+        if self.size == 1:
+            return grads, [float(v) for v in values]
+        start = time.perf_counter()
+        grads = self.sum_tree(grads)
+        values = self.sum_floats(values)
+        mx.eval(grads)
+        self.last_reduce_s = time.perf_counter() - start
+        return grads, values
 
     def check_same(self, what: str, value: int) -> None:
         """A UserError on every rank unless all ranks hold the same small integer `value`."""
@@ -172,79 +187,3 @@ def rank_salt(rank: int) -> int:
     """Added to a step seed's salt so each rank draws its own rollouts; 0 for rank 0, so rank 0
     (and every one-rank run) keeps exactly the seeds of a plain run."""
     return rank * 1_000_033
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: one training step on 1 rank vs 2 ranks on loopback, with the all-reduce share.
-
-_BENCH_SCRIPT = r'''
-import json, os, sys, time
-import mlx.core as mx
-from aropd_mlx import distributed
-from aropd_mlx import trainer
-from aropd_mlx.models import Teacher, load_student
-sys.path.insert(0, {tests!r})
-from helpers import lab_examples, tiny_config
-
-world = distributed.init()
-cfg = tiny_config({model!r}, {out!r} + f"/r{{world.rank}}", **{overrides!r})
-model, tok = load_student(cfg.model)
-teacher = Teacher.create(model, tok, cfg.model)
-opt = trainer.make_optimizer(cfg); opt.init(model.trainable_parameters())
-enc = trainer.PromptEncoder(cfg, tok)
-times, reduce_t = [], []
-orig = distributed.World.sum_tree
-def timed(self, tree):
-    t = time.perf_counter(); out = orig(self, tree); mx.eval(out); reduce_t.append(time.perf_counter() - t)
-    return out
-distributed.World.sum_tree = timed
-for step in range({steps}):
-    batch = world.shard(trainer.draw_batch(cfg, lab_examples(), enc, step, min_size=world.size))
-    t = time.perf_counter()
-    trainer.run_step(cfg, model, tok, opt, teacher, batch, step, world=world)
-    times.append(time.perf_counter() - t)
-from mlx.utils import tree_flatten
-n_par = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-if world.is_main:
-    json.dump({{"world": world.size, "step_s": times[1:], "allreduce_s": reduce_t[1:],
-               "lora_params": n_par}}, open({out!r} + f"/bench-{{world.size}}.json", "w"))
-'''
-
-
-def benchmark(model_path: str, out: str, steps: int = 4, batch_size: int = 8,
-              tests_dir: str | None = None, **overrides) -> dict:
-    """Median step time of a 1-rank and a 2-rank (ring, loopback) run of the same global batch,
-    and the share of the 2-rank step spent in the gradient all-reduce. The first step (compile,
-    warm-up) is dropped. Needs tests/helpers.py for the tiny config (`tests_dir`)."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    tests_dir = tests_dir or str(Path(__file__).resolve().parents[1] / "tests")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    over = {"train.batch_size": batch_size, "train.steps": steps, **overrides}
-    script = Path(out) / "bench_step.py"
-    script.write_text(_BENCH_SCRIPT.format(tests=tests_dir, model=str(model_path), out=str(out),
-                                           overrides=over, steps=steps))
-    result = {}
-    for n in (1, 2):
-        cmd = ["mlx.launch", "-n", str(n), "--backend", "ring", "--", sys.executable, str(script)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        path = Path(out) / f"bench-{n}.json"
-        if not path.is_file():  # the launcher may exit 0 while a rank failed
-            raise RuntimeError(f"benchmark with {n} rank(s) wrote no result:\n{proc.stderr[-2000:]}")
-        r = json.loads(path.read_text())
-        result[n] = {"step_s": float(np.median(r["step_s"])),
-                     "allreduce_s": float(np.median(r["allreduce_s"])) if r["allreduce_s"] else 0.0,
-                     "lora_params": r["lora_params"]}
-    two = result[2]
-    return {"batch_size": batch_size, "one_rank_step_s": result[1]["step_s"],
-            "two_rank_step_s": two["step_s"], "speedup": result[1]["step_s"] / two["step_s"],
-            "allreduce_s": two["allreduce_s"], "allreduce_share": two["allreduce_s"] / two["step_s"],
-            "allreduce_bytes": 4 * two["lora_params"]}
-
-
-if __name__ == "__main__":  # python -m aropd_mlx.distributed MODEL_DIR OUT_DIR
-    import json
-
-    print(json.dumps(benchmark(sys.argv[1], sys.argv[2]), indent=2))

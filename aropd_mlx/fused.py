@@ -1,4 +1,4 @@
-"""The memory-bounded AR-OPD loss: hidden states + the frozen output head in, LossOutput out.
+"""The memory-bounded AR-OPD loss: hidden states + each view's output head in, LossOutput out.
 
 Why: at V = 151,936 one fp32 (T, V) logits tensor is 0.6 GB per sequence, and the naive loss
 holds the student, partial, full and target tensors plus their softmaxes and gradient at once.
@@ -14,6 +14,19 @@ costs one (C, V) x (V, H) matmul per chunk in the forward (also when no gradient
 and saves re-running three head projections in the backward. Same FLOPs as the naive
 forward + backward.
 
+Each view is projected by its own model's head: the student's hidden states by the student's
+head, the teacher's views by the teacher's (`teacher_head`; a separate teacher model may have
+another hidden size, or another quantization). The teacher's head never gets a gradient.
+
+The student's head gets one only when it trains: a tied embedding under full fine-tuning
+(`OutputHead.trainable`), where the naive loss would give the embedding the output side of its
+gradient too. The head weight is then a second primal of the custom function, and its
+cotangent dW = sum over rows of g_i * dl_i/dz_i (x) h_i depends on the row cotangents g, known
+only in the backward: the backward walks the chunks again, recomputing each chunk's logits,
+and accumulates (g * dz)^T h_s into one (V, H) float32 array per lane (a second pass over V;
+memory: the accumulators plus one chunk, never rows x V). An untied lm_head stays frozen under
+full fine-tuning (models.attach_adapters), and a quantized head never trains.
+
 Evaluate the LossOutput fields and the gradients in one `mx.eval` (one sync point per step):
 an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's inputs.
 
@@ -23,50 +36,13 @@ an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlx.core as mx
 
 from aropd_mlx import objective as obj
+from aropd_mlx.head import OutputHead, n_arrays, project
 from aropd_mlx.objective import LossOutput, ObjectiveSettings
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """The frozen output projection: logits = h @ W.T, W float (V, H) or mx.quantize'd."""
-
-    weight: mx.array  # (V, H) float, or packed (V, H * bits / 32) uint32 when quantized
-    scales: mx.array | None = None  # quantized head when not None
-    biases: mx.array | None = None
-    group_size: int = 64
-    bits: int = 4
-    mode: str = "affine"
-
-    @property
-    def quantized(self) -> bool:
-        return self.scales is not None
-
-    def __call__(self, h: mx.array) -> mx.array:  # (..., H) -> (..., V)
-        if not self.quantized:
-            return h @ self.weight.T
-        return mx.quantized_matmul(h, self.weight, self.scales, self.biases, transpose=True,
-                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
-
-    def arrays(self) -> list[mx.array]:
-        return [a for a in (self.weight, self.scales, self.biases) if a is not None]
-
-    def static_key(self) -> tuple:
-        return (self.quantized, self.biases is not None, self.group_size, self.bits, self.mode)
-
-
-def _project(h, arrays, key, transpose):
-    """head(h) (transpose=True) or h @ W (transpose=False: the backward of the head)."""
-    quantized, has_biases, group_size, bits, mode = key
-    if not quantized:
-        return h @ arrays[0].T if transpose else h @ arrays[0]
-    biases = arrays[2] if has_biases else None
-    return mx.quantized_matmul(h, arrays[0], arrays[1], biases, transpose=transpose,
-                               group_size=group_size, bits=bits, mode=mode)
 
 
 # Diagnostic names in the order the chunk body stacks them, per (has teacher, has full view).
@@ -82,10 +58,32 @@ def _diag_names(has_teacher: bool, has_full: bool) -> list[str]:
 _CHUNK_BODIES: dict[tuple, object] = {}
 
 
-def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
+def _chunk_views(settings, keys, has_teacher, has_full, h_s, lam, rest):
+    """Inside a chunk body: the student logits z (C, V) and the teacher views (partial, full,
+    target), each view projected by its own model's head. `rest` = [h_t], [h_f], the student
+    head's arrays, then the teacher head's (none when the teacher uses the student's head).
+    The target never carries a gradient: the teacher's head arrays are stop_gradient'ed."""
+    student_key, teacher_key = keys
+    local = replace(settings, lam=lam)
+    n_views = int(has_teacher) + int(has_full)
+    n_student = n_arrays(student_key)
+    views, s_arrays = rest[:n_views], rest[n_views:n_views + n_student]
+    t_arrays = rest[n_views + n_student:] if teacher_key is not None else s_arrays
+    t_key = student_key if teacher_key is None else teacher_key
+    t_arrays = [mx.stop_gradient(a) for a in t_arrays]
+    teacher_logits = project(views[0], t_arrays, t_key) if has_teacher else None
+    full_logits = project(views[1], t_arrays, t_key) if has_full else None
+    partial, full, target = obj.teacher_views(teacher_logits, full_logits, local)
+    z = project(h_s, s_arrays, student_key)  # (C, V) student logits
+    return local, s_arrays, z, partial, full, target
+
+
+def _chunk_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool,
                 has_full: bool, with_diagnostics: bool = True):
     """The compiled per-chunk function, cached per static setup so that equal shapes never
-    retrace. Inputs: h_s (C,H), tokens (C,), lam (), [h_t (C,H)], [h_f (C,H)], *head arrays.
+    retrace. Inputs: h_s (C,H), tokens (C,), lam (), [h_t (C,H_t)], [h_f (C,H_t)], the student
+    head's arrays, [the teacher head's arrays]. `keys` = (student head key, teacher head key or
+    None: the teacher views go through the student's head).
     Outputs: per-row loss (C,), diagnostics (K, C) (K = 0 without diagnostics), per-row
     gradient dl_i/dh_i (C, H).
     lam is an input, not a constant: a lam schedule must not compile a new body every step.
@@ -93,29 +91,49 @@ def _chunk_body(settings: ObjectiveSettings, head_key: tuple, has_teacher: bool,
     BENCHMARKS.md), so the trainer asks for them on logging steps only."""
     # only the static fields the chunk math reads go into the key
     settings = replace(settings, lam=0.0, skip_first_tokens=0, reduction="sequence", chunk_size=1)
-    key = (settings, head_key, has_teacher, has_full, with_diagnostics)
+    key = (settings, keys, has_teacher, has_full, with_diagnostics)
     if key in _CHUNK_BODIES:
         return _CHUNK_BODIES[key]
 
     def body(h_s, tokens, lam, *rest):
-        local = replace(settings, lam=lam)
-        n_views = int(has_teacher) + int(has_full)
-        views, head_arrays = rest[:n_views], rest[n_views:]
-        teacher_logits = _project(views[0], head_arrays, head_key, True) if has_teacher else None
-        full_logits = _project(views[1], head_arrays, head_key, True) if has_full else None
-        partial, full, target = obj.teacher_views(teacher_logits, full_logits, local)
-        z = _project(h_s, head_arrays, head_key, True)  # (C, V) student logits
+        local, s_arrays, z, partial, full, target = _chunk_views(
+            settings, keys, has_teacher, has_full, h_s, lam, rest)
 
         def row_losses(logits):
             return obj.token_losses(logits, tokens, target, local)
 
         (losses,), (dz,) = mx.vjp(row_losses, [z], [mx.ones(tokens.shape, mx.float32)])
-        grad_h = _project(dz.astype(z.dtype), head_arrays, head_key, False)  # (C, H)
+        grad_h = project(dz.astype(z.dtype), s_arrays, keys[0], False)  # (C, H)
         if not with_diagnostics:
             return losses, mx.zeros((0, tokens.shape[0]), mx.float32), grad_h.astype(mx.float32)
         diags = obj.token_diagnostics(z, tokens, partial, full, target, local)
         names = _diag_names(has_teacher, has_full)
         return losses, mx.stack([diags[n] for n in names]), grad_h.astype(mx.float32)
+
+    compiled = mx.compile(body)
+    _CHUNK_BODIES[key] = compiled
+    return compiled
+
+
+def _head_grad_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool, has_full: bool):
+    """The compiled per-chunk head gradient (a trainable student head): inputs acc (V,H)
+    float32, h_s (C,H), tokens (C,), lam (), g (C,) the cotangent of each row's loss, then as
+    `_chunk_body`; output acc + (g * dl/dz)^T h_s. The chunk's logits are recomputed here (a
+    second pass over V), so nothing of size rows x V is kept between forward and backward."""
+    settings = replace(settings, lam=0.0, skip_first_tokens=0, reduction="sequence", chunk_size=1)
+    key = ("head_grad", settings, keys, has_teacher, has_full)
+    if key in _CHUNK_BODIES:
+        return _CHUNK_BODIES[key]
+
+    def body(acc, h_s, tokens, lam, g, *rest):
+        local, _, z, _, _, target = _chunk_views(
+            settings, keys, has_teacher, has_full, h_s, lam, rest)
+        weigh = g != 0  # rows nobody weighs add exactly nothing (even a NaN there)
+        _, (dz,) = mx.vjp(lambda logits: obj.token_losses(logits, tokens, target, local), [z],
+                          [mx.where(weigh, g, 0.0).astype(mx.float32)])
+        dz = mx.where(weigh[:, None], dz, 0.0).astype(mx.float32)  # (C, V)
+        h = mx.where(weigh[:, None], h_s, 0.0).astype(mx.float32)  # (C, H)
+        return mx.addmm(acc, dz.T, h)  # (V, H)
 
     compiled = mx.compile(body)
     _CHUNK_BODIES[key] = compiled
@@ -157,16 +175,21 @@ def _lanes() -> list:
     return [mx.default_stream(mx.cpu), _CPU_LANES[0]]
 
 
+def _layout(n_rows: int, chunk: int) -> tuple[list, int, int]:
+    """(lanes, rows per chunk, number of chunks). With two lanes each chunk is half of `chunk`
+    rows, so the rows over V in flight, and the peak memory, stay the same."""
+    lanes = _lanes()[: None if chunk > 1 else 1]  # one row per chunk: nothing to halve
+    chunk = -(-chunk // len(lanes))
+    return lanes, chunk, -(-n_rows // chunk)
+
+
 def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):
     """Apply `body` chunk by chunk; returns per-row losses (N,), diagnostics (K, N) and
     per-row gradients (N, H). The chunks alternate over the lanes (streams); each chunk's
     inputs depend on the outputs of its lane's previous chunk (mx.depends, no arithmetic), so
-    a lazy eval walks each lane in order, one chunk per lane at a time. With two lanes each
-    chunk is half of `chunk` rows, so the rows in flight, and the peak memory, stay the same."""
+    a lazy eval walks each lane in order, one chunk per lane at a time."""
     n_rows = tokens.size
-    lanes = _lanes()[: None if chunk > 1 else 1]  # one row per chunk: nothing to halve
-    chunk = -(-chunk // len(lanes))  # `chunk` rows over V in flight in all, whatever the lanes
-    n_chunks = -(-n_rows // chunk)
+    lanes, chunk, n_chunks = _layout(n_rows, chunk)
     h_s = _rows(student_h, n_chunks, chunk)
     tok = _rows(tokens.astype(mx.int32), n_chunks, chunk)
     view_rows = [_rows(v, n_chunks, chunk) for v in views]
@@ -187,13 +210,50 @@ def _run_chunks(body, student_h, tokens, lam, views, head_arrays, chunk):
     return cat(losses)[:n_rows], cat(diags, axis=1)[:, :n_rows], cat(grads)[:n_rows]
 
 
+def _head_grad(body, student_h, tokens, lam, g, views, head_arrays, chunk) -> mx.array:
+    """(V, H) float32 gradient of the rows' losses (cotangent g (N,)) w.r.t. the student head,
+    accumulated chunk by chunk: one (V, H) accumulator per lane, each lane in order (every
+    chunk's output is its lane's next accumulator), no rows x V tensor outliving a chunk."""
+    n_rows = tokens.size
+    lanes, chunk, n_chunks = _layout(n_rows, chunk)
+    h_s = _rows(student_h, n_chunks, chunk)
+    tok = _rows(tokens.astype(mx.int32), n_chunks, chunk)
+    g_rows = _rows(g.astype(mx.float32).reshape(1, -1), n_chunks, chunk)  # padding: g = 0
+    view_rows = [_rows(v, n_chunks, chunk) for v in views]
+    shape = (head_arrays[0].shape[0], student_h.shape[-1])
+    acc = [None] * len(lanes)
+    for i in range(n_chunks):
+        lane = i % len(lanes)
+        with mx.stream(lanes[lane]):
+            start = mx.zeros(shape, mx.float32) if acc[lane] is None else acc[lane]
+            acc[lane] = body(start, h_s[i], tok[i], lam, g_rows[i], *(v[i] for v in view_rows),
+                             *head_arrays)
+    total = acc[0]
+    for a in acc[1:]:
+        total = total if a is None else total + a
+    return total
+
+
+def _same_arrays(a: OutputHead, b: OutputHead) -> bool:
+    """The same head (the self-teacher's, when only adapters train): project through one."""
+    return a.static_key() == b.static_key() and all(
+        x is y for x, y in zip(a.arrays(), b.arrays()))
+
+
 def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx.array,
                teacher_h: mx.array | None = None, full_h: mx.array | None = None, *,
+               teacher_head: OutputHead | None = None,
                settings: ObjectiveSettings | None = None,
                diagnostics: bool = True) -> LossOutput:
-    """Equal to naive_loss(head(student_h), tokens, mask, head(teacher_h), head(full_h)) with
-    peak memory of one chunk of rows over the vocabulary. student_h (B, T, H) carries the
-    gradient; teacher_h (the anchor, or the only teacher view) and full_h get none.
+    """Equal to naive_loss(head(student_h), tokens, mask, teacher_head(teacher_h),
+    teacher_head(full_h)) with peak memory of one chunk of rows over the vocabulary.
+
+    Each view goes through its own model's head: `head` projects the student's hidden states,
+    `teacher_head` (default: `head`, the self-teacher's case) the teacher's views, whose
+    hidden size may differ from the student's. student_h (B, T, H) carries the gradient, and
+    so does `head.weight` when `head.trainable` (a tied embedding under full fine-tuning: the
+    output side of its gradient); teacher_h (the anchor, or the only teacher view), full_h and
+    the teacher's head get none (the target is a constant).
     `diagnostics=False`: the same loss and gradient, no per-token diagnostics (an empty dict),
     and none of their passes over the vocabulary."""
     settings = settings or ObjectiveSettings()
@@ -202,29 +262,52 @@ def fused_loss(student_h: mx.array, head: OutputHead, tokens: mx.array, mask: mx
         raise ValueError("full_h needs teacher_h (the anchor / partial view)")
     if settings.loss_type != "nll" and teacher_h is None:
         raise ValueError(f"loss_type {settings.loss_type!r} needs teacher_h")
+    if teacher_head is not None and teacher_head.vocab != head.vocab:
+        raise ValueError(f"teacher head vocabulary {teacher_head.vocab} != student's {head.vocab}")
     batch, length = tokens.shape
-    names = _diag_names(teacher_h is not None, full_h is not None) if diagnostics else []
+    has = (teacher_h is not None, full_h is not None)
+    names = _diag_names(*has) if diagnostics else []
     if batch * length == 0:  # nothing to score: zeros of the right shapes, loss 0, weight 0
         zeros = mx.zeros((batch, length), mx.float32)
         return obj.finish(zeros, {n: zeros for n in names}, mask, settings)
     views = [mx.stop_gradient(v) for v in (teacher_h, full_h) if v is not None]
-    head_arrays = [mx.stop_gradient(a) for a in head.arrays()]
-    body = _chunk_body(settings, head.static_key(), teacher_h is not None, full_h is not None,
-                       diagnostics)
-    chunk = max(1, min(chunk_rows(settings.chunk_size, head.weight.shape[0]), batch * length))
+    separate = has[0] and teacher_head is not None and not _same_arrays(teacher_head, head)
+    keys = (head.static_key(), teacher_head.static_key() if separate else None)
+    teacher_arrays = [mx.stop_gradient(a) for a in teacher_head.arrays()] if separate else []
+    body = _chunk_body(settings, keys, *has, diagnostics)
+    chunk = max(1, min(chunk_rows(settings.chunk_size, head.vocab), batch * length))
     lam = mx.array(settings.lam, dtype=mx.float32)
 
-    @mx.custom_function
-    def rows(h):
-        return _run_chunks(body, h, tokens, lam, views, head_arrays, chunk)
-
-    @rows.vjp
-    def rows_vjp(primals, cotangents, outputs):
-        # one primal: mlx hands `primals` over as the array itself
-        g = cotangents[0][:, None]  # (N, 1) cotangent of each row's loss
-        grad = mx.where(g != 0, g * outputs[2], 0.0)  # rows nobody weighs stay exactly 0
+    def per_row_grad(g, grad_rows):  # g (N,) cotangent of each row's loss
+        grad = mx.where(g[:, None] != 0, g[:, None] * grad_rows, 0.0)  # unweighed rows: 0
         return grad.reshape(student_h.shape).astype(student_h.dtype)
 
-    per_row, diag_rows, _ = rows(student_h)
+    if not head.trainable:
+        student_arrays = [mx.stop_gradient(a) for a in head.arrays()]
+
+        @mx.custom_function
+        def rows(h):
+            return _run_chunks(body, h, tokens, lam, views, student_arrays + teacher_arrays, chunk)
+
+        @rows.vjp
+        def rows_vjp(primals, cotangents, outputs):  # one primal: handed over as the array
+            return per_row_grad(cotangents[0], outputs[2])
+
+        per_row, diag_rows, _ = rows(student_h)
+    else:
+        grad_body = _head_grad_body(settings, keys, *has)
+
+        @mx.custom_function
+        def rows_and_head(h, w):
+            return _run_chunks(body, h, tokens, lam, views, [w] + teacher_arrays, chunk)
+
+        @rows_and_head.vjp
+        def rows_and_head_vjp(primals, cotangents, outputs):
+            h, w = primals
+            grad_w = _head_grad(grad_body, h, tokens, lam, cotangents[0], views,
+                                [w] + teacher_arrays, chunk)
+            return per_row_grad(cotangents[0], outputs[2]), grad_w.astype(w.dtype)
+
+        per_row, diag_rows, _ = rows_and_head(student_h, head.weight)
     diags = {n: diag_rows[i].reshape(batch, length) for i, n in enumerate(names)}
     return obj.finish(per_row.reshape(batch, length), diags, mask, settings)

@@ -4,11 +4,16 @@ The teacher is a *parameter snapshot* of the trainable weights, swapped in for s
 - frozen: the adapters with the LoRA delta off (lora_b = 0, DoRA magnitudes at their start)
   -> exactly the base model, no second copy of the base weights in memory;
 - ema: an exponential moving average of the adapters (the paper: mix-up 0.01 every step);
-- a path: a separate model whose tokenizer and vocabulary must match the student's.
+- a path: a separate model whose tokenizer and vocabulary must match the student's; its hidden
+  size may differ, as its views are projected by its own output head (`Teacher.head`).
+
+Full fine-tuning trains every weight except an untied lm_head, which stays frozen; a tied
+embedding trains through both of its uses (fused.py gives the output side its gradient).
 
     model, tokenizer = load_student(ModelSettings(path="Qwen/Qwen2.5-0.5B-Instruct"))
     teacher = Teacher.create(model, tokenizer, ModelSettings(...))
     with teacher.active(model) as scorer: hidden = scorer.model(ids)
+    logits = teacher.head(model)(hidden)                 # each view through its own model's head
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from aropd_mlx.errors import UserError
-from aropd_mlx.fused import OutputHead
+from aropd_mlx.head import OutputHead, head_from_model
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,8 @@ def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) ->
     model.freeze()
     if settings.fine_tune_type == "full":
         model.unfreeze()
-        # the fused loss projects through the head as a frozen matrix (no gradient reaches
-        # it); trainable, it would only drift with weight decay and cost optimizer passes
+        # an untied lm_head stays frozen: the fused loss gives a separate head no gradient
+        # (head.py); a tied embedding trains on both sides (fused.py computes the output side)
         if getattr(model, "lm_head", None) is not None:
             model.lm_head.freeze()
         return
@@ -155,19 +160,6 @@ def load_student(settings: ModelSettings, path: str | None = None, seed: int = 0
 
 def trainable(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
-
-
-def head_from_model(model: nn.Module) -> OutputHead:
-    """The frozen output projection (lm_head, or the tied embedding), plain or quantized."""
-    inner = model.model
-    layer = getattr(model, "lm_head", None)
-    if layer is None:
-        layer = inner.embed_tokens
-    if "scales" in layer:
-        return OutputHead(weight=layer.weight, scales=layer.scales, biases=layer.get("biases"),
-                          group_size=layer.group_size, bits=layer.bits,
-                          mode=getattr(layer, "mode", "affine"))
-    return OutputHead(weight=layer.weight)
 
 
 def hidden_states(model: nn.Module, inputs: mx.array) -> mx.array:
@@ -213,8 +205,18 @@ class Teacher:
             raise UserError(f"teacher {settings.teacher!r} (model.teacher / --teacher: frozen, ema "
                             f"or a model): {e}") from None
         check_same_vocabulary(tokenizer, other_tok, model, other, settings.teacher)
+        try:  # its views go through its own head: logits must be a plain projection there too
+            check_supported(other, other_tok)
+        except UserError as e:
+            raise UserError(f"teacher {settings.teacher!r}: {e}") from None
         other.freeze()
         return cls("model", model=other)
+
+    def head(self, student: nn.Module) -> OutputHead:
+        """The head that projects the teacher's hidden states: a separate model's own head, or
+        the snapshot's (the student's head unless it trains: a tied embedding, full fine-tune)."""
+        with self.active(student) as scorer:
+            return head_from_model(scorer)
 
     @contextmanager
     def active(self, student: nn.Module):

@@ -6,6 +6,10 @@ is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> A
 
     run_dir = train(cfg, model, tokenizer, examples)          # writes metrics, adapters, summary
 
+run_step: draw_responses -> score_views under the teacher (its hidden states per view, and
+its own output head: `Scored`) -> accumulate (loss and gradients over micro-batches, summed
+over ranks) -> apply_update (clip, AdamW, skipped when not finite).
+
 Every random draw of step s comes from seeds derived from (train.seed, s), and every piece of
 state lives in the checkpoint, so a resumed run repeats an uninterrupted one bit for bit.
 """
@@ -27,15 +31,16 @@ from mlx.utils import tree_map, tree_unflatten
 
 from aropd_mlx import checkpoint as ckpt
 from aropd_mlx import distributed as dist
-from aropd_mlx.batches import METHOD_VIEWS, Encoded, PromptEncoder, draw_batch  # noqa: F401 - API
+from aropd_mlx.batches import METHOD_VIEWS, Encoded, PromptEncoder, draw_batch
 from aropd_mlx.config import RunConfig, save_config
 from aropd_mlx.data import Example
 from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
-from aropd_mlx.models import Teacher, head_from_model, save_adapters, trainable
+from aropd_mlx.head import OutputHead, head_from_model
+from aropd_mlx.models import Teacher, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
-from aropd_mlx.optimizer import make_optimizer, optimizer_step  # noqa: F401 - make_optimizer: API
+from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.scoring import response_hidden, score_views
 
@@ -98,29 +103,58 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, settings, pad_id,
-            tracker: RunDiagnostics | None = None, world: dist.World | None = None,
-            with_diagnostics: bool = True):
-    """Loss and gradients over micro-batches (weighted exactly as one big batch), then AdamW.
+@dataclass
+class Scored:
+    """What the update trains on: each view's prompt per row, the responses, the teacher's
+    hidden states per view and the teacher's own output head that projects them (None: SFT)."""
+
+    rows: dict[str, list[list[int]]]
+    resp: Responses
+    teacher_h: dict[str, mx.array]
+    teacher_head: OutputHead | None
+    pad_id: int = 0
+
+
+@dataclass
+class Accumulated:
+    """Loss and gradients summed over a step's micro-batches (and over ranks): the loss is
+    already divided by the global loss weight, the diagnostics are sums over response tokens."""
+
+    grads: dict
+    loss: float
+    diag_sums: dict[str, float]
+    tokens: float  # response tokens the diagnostic sums run over
+
+
+def accumulate(cfg, model, scored: Scored, settings: ObjectiveSettings, *,
+               tracker: RunDiagnostics | None = None, world: dist.World | None = None,
+               diagnostics: bool = True) -> Accumulated:
+    """Loss and gradients over micro-batches, weighted exactly as one big batch.
 
     With several ranks (`world`) each holds a shard of the batch: the weight total, the
-    gradients and the loss/diagnostic sums are summed over ranks, so every rank applies the
-    update a single rank would make on the whole batch."""
+    gradients and the loss/diagnostic sums are summed over ranks (World.reduce), so every rank
+    applies the update a single rank would make on the whole batch. Diagnostics average over
+    every response token (the same tokens as diagnostics.json's tracker): skip_first_tokens
+    is a choice of the loss, not of the measurement."""
     world = world or dist.World()
-    head = head_from_model(model)
+    resp = scored.resp
     tokens_np = np.array(resp.tokens)
     eff = response_mask(resp.mask, settings.skip_first_tokens)
     total_w = float((eff.sum(axis=1) > 0).sum() if settings.reduction == "sequence" else eff.sum())
     total_w = world.sum_floats([total_w])[0]  # the GLOBAL weight: summed grads need no division
     views = METHOD_VIEWS[cfg.train.method]
-    grads, loss_sum, diag_sums = None, 0.0, {}
+    valid = resp.mask.astype(mx.bool_)
+    grads, loss_sum, diag_sums, n_tokens = None, 0.0, {}, 0.0
 
     def loss_fn(m, sl, scale):
-        sh = response_hidden(m, rows["student"][sl], tokens_np[sl], resp.lengths[sl], pad_id)
-        th = teacher_h[views[0]][sl] if views else None
-        fh = teacher_h[views[1]][sl] if len(views) > 1 else None
-        out = fused_loss(sh, head, resp.tokens[sl], resp.mask[sl], th, fh, settings=settings,
-                         diagnostics=with_diagnostics)
+        sh = response_hidden(m, scored.rows["student"][sl], tokens_np[sl], resp.lengths[sl],
+                             scored.pad_id)
+        th = scored.teacher_h[views[0]][sl] if views else None
+        fh = scored.teacher_h[views[1]][sl] if len(views) > 1 else None
+        # the head from `m`: a trainable head (tied embedding, full fine-tune) gets its gradient
+        out = fused_loss(sh, head_from_model(m), resp.tokens[sl], resp.mask[sl], th, fh,
+                         teacher_head=scored.teacher_head, settings=settings,
+                         diagnostics=diagnostics)
         return out.loss * out.weight * scale, out
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -128,32 +162,34 @@ def _update(cfg, model, optimizer, rows, resp: Responses, teacher_h: dict, setti
     for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size):
         (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
         grads = g if grads is None else tree_map_add(grads, g)
-        m = eff[sl]
-        for k, v in out.diagnostics.items():
-            diag_sums[k] = diag_sums.get(k, 0.0) + (v * m).sum()
-        diag_sums["_tokens"] = diag_sums.get("_tokens", 0.0) + m.sum()
-        mx.eval(grads, loss, diag_sums, out.diagnostics)
-        if tracker is not None and with_diagnostics:  # per-token signals by position and length (diagnostics.py)
+        m = valid[sl]
+        sums = {k: (v * m).sum() for k, v in out.diagnostics.items()}
+        mx.eval(grads, loss, sums, out.diagnostics)
+        if tracker is not None and diagnostics:  # per-token signals by position and length
             tracker.add(out.diagnostics, resp.mask[sl])
+        for k, v in sums.items():
+            diag_sums[k] = diag_sums.get(k, 0.0) + v.item()
+        n_tokens += float(m.sum().item())
         loss_sum += loss.item()
     model.eval()
     if world.distributed:
-        t_reduce = time.perf_counter()
-        grads = world.sum_tree(grads)
         keys = sorted(diag_sums)
-        summed = world.sum_floats([loss_sum] + [float(diag_sums[k]) for k in keys])
-        loss_sum, diag_sums = summed[0], dict(zip(keys, summed[1:]))
-        mx.eval(grads)
-        world.last_reduce_s = time.perf_counter() - t_reduce
+        grads, summed = world.reduce(grads, [loss_sum, n_tokens] + [diag_sums[k] for k in keys])
+        loss_sum, n_tokens, diag_sums = summed[0], summed[1], dict(zip(keys, summed[2:]))
+    return Accumulated(grads, loss_sum, diag_sums, n_tokens)
+
+
+def apply_update(cfg, model, optimizer, acc: Accumulated) -> tuple[float, float, bool, dict]:
+    """Clip and apply the accumulated gradients (skipped when the loss or the gradient norm
+    is not finite); returns (loss, grad norm, finite, mean diagnostics per response token)."""
     opt_step = optimizer_step(model, optimizer, cfg.train.grad_clip)  # compiled (optimizer.py)
-    grads, norm = opt_step.clip(grads)
+    grads, norm = opt_step.clip(acc.grads)
     norm = norm.item()
-    finite = math.isfinite(loss_sum) and math.isfinite(norm)
+    finite = math.isfinite(acc.loss) and math.isfinite(norm)
     if finite:
         opt_step.apply(grads)
-    ntok = max(float(diag_sums.pop("_tokens")), 1.0)
-    diags = {k: float(v) / ntok for k, v in diag_sums.items()}
-    return loss_sum, norm, finite, diags
+    ntok = max(acc.tokens, 1.0)
+    return acc.loss, norm, finite, {k: float(v) / ntok for k, v in acc.diag_sums.items()}
 
 
 def tree_map_add(a, b):
@@ -173,14 +209,16 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
     rows, resp = draw_responses(cfg, model, tokenizer, batch, step, world.rank)
     t1 = time.perf_counter()
     views = METHOD_VIEWS[cfg.train.method]
-    teacher_h = {}
+    scored = Scored(rows, resp, {}, None, pad_id)
     if views:
-        with teacher.active(model) as scorer:
-            teacher_h = score_views(scorer, {v: rows[v] for v in views}, np.array(resp.tokens),
-                                    resp.lengths, pad_id)
+        with teacher.active(model) as scorer:  # each view is projected by its own model's head
+            scored.teacher_h = score_views(scorer, {v: rows[v] for v in views},
+                                           np.array(resp.tokens), resp.lengths, pad_id)
+            scored.teacher_head = head_from_model(scorer)
     t2 = time.perf_counter()
-    loss, norm, finite, diags = _update(cfg, model, optimizer, rows, resp, teacher_h, settings,
-                                        pad_id, tracker, world, diagnostics_due(cfg, step))
+    acc = accumulate(cfg, model, scored, settings, tracker=tracker, world=world,
+                     diagnostics=diagnostics_due(cfg, step))
+    loss, norm, finite, diags = apply_update(cfg, model, optimizer, acc)
     if finite:
         teacher.after_update(model)
     t3 = time.perf_counter()

@@ -2,6 +2,7 @@
 
     aropd-mlx parity                                   # a fresh tiny model, offline, CPU torch
     aropd-mlx parity --method sft --seed 3
+    aropd-mlx parity --fine-tune full                  # every weight's gradient (tied embedding too)
     aropd-mlx parity --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/qwen --device cuda \
         --json-out parity.json
 
@@ -52,6 +53,8 @@ def parity_command(
     prompts: int = typer.Option(2, "--prompts", help="Lab-style prompts in the batch."),
     group_size: int = typer.Option(2, "--group-size", help="Rollouts per prompt."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Rollout length cap."),
+    fine_tune: str = typer.Option("lora", "--fine-tune", help="lora | full (compare every "
+                                  "weight's gradient; no --adapter)."),
 ):
     """MLX against the torch mirror on one batch: log-probs, target, loss, LoRA gradients."""
     from aropd_mlx.backends.torch.parity import format_parity, run_parity
@@ -59,7 +62,7 @@ def parity_command(
     with tempfile.TemporaryDirectory(prefix="aropd-parity-model-") as tmp:
         report = run_parity(_model_path(model, tmp), adapter=adapter, device=device,
                             method=method, seed=seed, n_prompts=prompts, group_size=group_size,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, fine_tune=fine_tune)
     if model is None:
         report["model"] = "(fresh tiny llama)"
     typer.echo(format_parity(report))

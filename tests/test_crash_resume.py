@@ -48,7 +48,7 @@ def _child(args: list[str], counters, log: str) -> None:
         return wrapped
 
     trainer.sample = mark("rollout", trainer.sample)
-    trainer._update = mark("update", trainer._update)
+    trainer.accumulate = mark("update", trainer.accumulate)
     ckpt._save_arrays = mark("checkpoint", ckpt._save_arrays, HOLD_S)
     trainer.save_adapters = mark("adapters", trainer.save_adapters, HOLD_S)
     from aropd_mlx.cli.main import app

@@ -108,12 +108,13 @@ def test_a_missing_peer_is_a_clear_error(tmp_path):
 
 
 def test_two_rank_update_equals_one_rank_update(tiny_llama, tmp_path):
-    """Same replayed rollouts: a 1-rank _update on batch B vs a 2-rank _update on B/2 each."""
+    """Same replayed rollouts: a 1-rank update on batch B vs a 2-rank update on B/2 each."""
     marks = launch(tmp_path, f"""
         import mlx.core as mx, mlx.optimizers as optim, numpy as np
         from dataclasses import replace
         from mlx.utils import tree_flatten
         from aropd_mlx import trainer
+        from aropd_mlx.batches import METHOD_VIEWS, PromptEncoder, draw_batch
         from aropd_mlx.models import Teacher, load_student, trainable
         from aropd_mlx.rollout import Responses
         from aropd_mlx.scoring import score_views
@@ -124,23 +125,26 @@ def test_two_rank_update_equals_one_rank_update(tiny_llama, tmp_path):
         model, tok = load_student(cfg.model)
         ref, _ = load_student(cfg.model)
         teacher = Teacher.create(model, tok, cfg.model)
-        enc = trainer.PromptEncoder(cfg, tok)
-        batch = trainer.draw_batch(cfg, lab_examples(), enc, 0)
+        enc = PromptEncoder(cfg, tok)
+        batch = draw_batch(cfg, lab_examples(), enc, 0)
         rows, resp = trainer.draw_responses(cfg, model, tok, batch, 0)   # same on both ranks
         pad = tok.pad_token_id or 0
-        views = trainer.METHOD_VIEWS[cfg.train.method]
+        views = METHOD_VIEWS[cfg.train.method]
         with teacher.active(model) as scorer:
             th = score_views(scorer, {{v: rows[v] for v in views}}, np.array(resp.tokens),
                              resp.lengths, pad)
         settings = trainer.objective_for(cfg)
-        one = trainer._update(cfg, ref, optim.SGD(learning_rate=0.5), rows, resp, th, settings,
-                              pad, world=dist.World())
+
+        def update(m, scored, world):
+            acc = trainer.accumulate(cfg, m, scored, settings, world=world)
+            return trainer.apply_update(cfg, m, optim.SGD(learning_rate=0.5), acc)
+
+        one = update(ref, trainer.Scored(rows, resp, th, None, pad), dist.World())
         n = resp.tokens.shape[0]
         sl = slice(world.rank * n // world.size, (world.rank + 1) * n // world.size)
         part = Responses(resp.tokens[sl], resp.mask[sl], resp.lengths[sl], resp.finished[sl])
-        two = trainer._update(cfg, model, optim.SGD(learning_rate=0.5),
-                              {{k: v[sl] for k, v in rows.items()}}, part,
-                              {{k: v[sl] for k, v in th.items()}}, settings, pad, world=world)
+        two = update(model, trainer.Scored({{k: v[sl] for k, v in rows.items()}}, part,
+                                           {{k: v[sl] for k, v in th.items()}}, None, pad), world)
         a = {{k: np.array(v) for k, v in trainable(ref).items()}}
         b = {{k: np.array(v) for k, v in trainable(model).items()}}
         start = {{k: np.array(v) for k, v in trainable(load_student(cfg.model)[0]).items()}}

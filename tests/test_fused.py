@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from aropd_mlx import fused, objective as obj
-from aropd_mlx.fused import OutputHead, fused_loss
+from aropd_mlx.fused import fused_loss
+from aropd_mlx.head import OutputHead
 from aropd_mlx.objective import ObjectiveSettings, naive_loss
 
 from helpers import float32_tolerance
@@ -302,3 +303,135 @@ def test_bench_runs_small_and_formats():
     assert r["chunk_size"] == 16 and r["fused_peak_extra_bytes"] < r["naive_peak_extra_bytes"]
     text = format_objective_bench(r)
     assert "fused/naive" in text and "V=512" in text
+
+
+# ---------------------------------------------------------------------------- heads per view
+
+def teacher_of_another_size(h=12, v=33, seed=5, quantize=False):
+    """A separate teacher: its own head and hidden size (h), the student's vocabulary."""
+    r = np.random.default_rng(seed)
+    w = r.normal(size=(v, h)).astype(np.float32)
+    head = (OutputHead(*mx.quantize(mx.array(w), group_size=32, bits=4), group_size=32, bits=4)
+            if quantize else OutputHead(mx.array(w)))
+    return head, *(mx.array(r.normal(size=(3, 7, h)).astype(np.float32)) for _ in range(2))
+
+
+@pytest.mark.parametrize("student_q,teacher_q", [(False, False), (True, False), (False, True)])
+def test_each_view_goes_through_its_own_models_head(student_q, teacher_q):
+    """The target is built from the teacher's own logits (its head, its hidden size), the
+    student's logits from the student's head: equal to naive_loss on each model's logits."""
+    head, hs, _, _, tok, mask = make(b=3, h=64 if student_q else 8, quantize=student_q)
+    t_head, ht, hf = teacher_of_another_size(h=64 if teacher_q else 12, quantize=teacher_q)
+    s = ObjectiveSettings(chunk_size=4, alpha=0.3, skip_first_tokens=1)
+
+    def naive(h):
+        out = naive_loss(head(h), tok, mask, t_head(ht), t_head(hf), settings=s)
+        return out.loss, out
+
+    def fusd(h):
+        out = fused_loss(h, head, tok, mask, ht, hf, teacher_head=t_head, settings=s)
+        return out.loss, out
+
+    (_, want), g_want = mx.value_and_grad(naive)(hs)
+    (_, got), g_got = mx.value_and_grad(fusd)(hs)
+    assert_same((want, g_want), (got, g_got))
+    # the student's head would give another target (and another hidden size: no target at all)
+    if not student_q and not teacher_q:
+        with pytest.raises(ValueError):
+            mx.eval(fused_loss(hs, head, tok, mask, ht, hf, settings=s).loss)
+
+
+def test_a_teacher_head_of_another_vocabulary_is_refused():
+    head, hs, _, _, tok, mask = make()
+    t_head, ht, hf = teacher_of_another_size(v=40)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused_loss(hs, head, tok, mask, ht, hf, teacher_head=t_head)
+
+
+def both_with_head(w, hs, tok, mask, ht, hf, s, teacher_head=None, cotangent=None):
+    """(naive, fused) gradients w.r.t. (student_h, W) of the loss (or of per_token . cotangent)
+    with a trainable student head W; the teacher views go through `teacher_head` (default:
+    the same W as a constant, as a self-teacher whose head is the student's)."""
+    def run(kind):
+        def f(h, weight):
+            head = OutputHead(weight, trainable=True)
+            if kind == "naive":
+                th = teacher_head or OutputHead(mx.stop_gradient(weight))
+                out = naive_loss(head(h), tok, mask, None if ht is None else th(ht),
+                                 None if hf is None else th(hf), settings=s)
+            else:
+                out = fused_loss(h, head, tok, mask, ht, hf, teacher_head=teacher_head,
+                                 settings=s)
+            value = out.loss if cotangent is None else (out.per_token * cotangent).sum()
+            return value, out
+        (_, out), grads = mx.value_and_grad(f, argnums=(0, 1))(hs, w)
+        mx.eval(out.loss, out.per_token, grads)
+        return out, grads
+    return run("naive"), run("fused")
+
+
+def _assert_grads_close(want, got, rtol=1e-5, atol=1e-6):
+    for a, b in zip(want, got):
+        scale = max(float(mx.abs(a).max()), 1e-4)
+        assert float(mx.abs(a).max()) > 0
+        np.testing.assert_allclose(np.array(b) / scale, np.array(a) / scale, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+@pytest.mark.parametrize("loss_type", obj.LOSS_TYPES)
+def test_a_trainable_head_gets_the_naive_gradient(chunk, loss_type):
+    """A tied embedding under full fine-tuning: the head weight's gradient (dW = sum of
+    dl/dz (x) h over rows, chunk by chunk) equals autodiff through naive_loss, and so does
+    the hidden states' gradient; the target (teacher views through W) stays a constant."""
+    head, hs, ht, hf, tok, mask = make(b=3, t=5)
+    s = ObjectiveSettings(chunk_size=chunk, loss_type=loss_type, alpha=0.4, skip_first_tokens=1)
+    views = (None, None) if loss_type == "nll" else (ht, hf)
+    (naive, g_naive), (fusd, g_fused) = both_with_head(head.weight, hs, tok, mask, *views, s)
+    np.testing.assert_allclose(np.array(fusd.per_token), np.array(naive.per_token), rtol=1e-5,
+                               atol=1e-6)
+    _assert_grads_close(g_naive, g_fused)
+
+
+def test_a_trainable_head_with_a_separate_teacher_and_any_cotangent():
+    head, hs, _, _, tok, mask = make(b=3)
+    t_head, ht, hf = teacher_of_another_size()
+    wts = mx.array(np.random.default_rng(3).normal(size=tok.shape).astype(np.float32))
+    s = ObjectiveSettings(chunk_size=4, alpha=0.5)
+    (_, g_naive), (_, g_fused) = both_with_head(head.weight, hs, tok, mask, ht, hf, s,
+                                                teacher_head=t_head, cotangent=wts)
+    _assert_grads_close(g_naive, g_fused)
+
+
+def test_a_frozen_or_quantized_head_gets_no_gradient():
+    head, hs, ht, hf, tok, mask = make()
+    g = mx.grad(lambda w: fused_loss(hs, OutputHead(w), tok, mask, ht, hf).loss)(head.weight)
+    assert float(mx.abs(g).max()) == 0  # not trainable: a constant, as before
+    t_head, _, _ = teacher_of_another_size(h=8)
+    g = mx.grad(lambda w: fused_loss(hs, head, tok, mask, ht, hf,
+                                     teacher_head=OutputHead(w)).loss)(t_head.weight)
+    assert float(mx.abs(g).max()) == 0  # the teacher's head: never
+    q = mx.quantize(mx.zeros((33, 64)), group_size=32, bits=4)
+    with pytest.raises(ValueError, match="quantized"):
+        OutputHead(*q, group_size=32, bits=4, trainable=True)
+
+
+def test_trainable_head_memory_is_bounded_by_the_chunk():
+    """The head gradient walks the chunks again: peak memory stays a few chunks plus the
+    (V, H) accumulators, far below one (T, V) tensor, and does not grow like T (two lanes
+    may run a little apart: some slack)."""
+    v, h, chunk = 2048, 16, 32
+    s = ObjectiveSettings(chunk_size=chunk)
+
+    def step(t):
+        head, hs, ht, hf, tok, mask = make(b=1, t=t, h=h, v=v, seed=t)
+
+        def f(x, w):
+            return fused_loss(x, OutputHead(w, trainable=True), tok, mask, ht, hf,
+                              settings=s).loss
+        return lambda: mx.value_and_grad(f, argnums=(0, 1))(hs, head.weight)
+
+    one_row = v * 4
+    small, large = _peak(step(512)), _peak(step(2048))
+    assert large < 1.6 * small  # 4x the rows
+    assert large < 40 * chunk * one_row + 4 * v * h * 4  # chunks + the (V, H) accumulators
+    assert large < 2048 * one_row  # less than ONE (T, V) fp32 tensor (naive: a dozen)

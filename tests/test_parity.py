@@ -131,6 +131,48 @@ def test_parity_on_a_save_pretrained_checkpoint(tmp_path):
     write_tokenizer(tmp_path)
     for method in ("ar-opd", "sft"):
         _assert_pass(run_parity(str(tmp_path), device="cpu", method=method, seed=1, **FAST))
+    # full fine-tuning: every weight, the tied embedding through both of its uses
+    report = run_parity(str(tmp_path), device="cpu", method="ar-opd", seed=1,
+                        fine_tune="full", **FAST)
+    _assert_pass(report)
+    assert "grad model.embed_tokens.weight" in {c["quantity"] for c in report["checks"]}
+
+
+@pytest.mark.parametrize("method", ["ar-opd", "opd", "sft"])
+def test_parity_full_fine_tune_of_a_tied_model(tiny_qwen2, method):
+    """Full fine-tuning of a tied model: MLX's gradient of every weight (the tied embedding's
+    output side from the fused loss's head gradient) equals torch autograd over the HF model
+    with the mirror's naive_loss."""
+    report = run_parity(str(tiny_qwen2), device="cpu", method=method, seed=2,
+                        fine_tune="full", **FAST)
+    _assert_pass(report)
+    grads = {c["quantity"][5:]: c for c in report["checks"] if c["quantity"].startswith("grad ")}
+    assert "model.embed_tokens.weight" in grads and len(grads) > 10
+    assert grads["model.embed_tokens.weight"]["max_abs"] is not None
+
+
+def test_parity_catches_a_frozen_tied_head(tiny_qwen2, monkeypatch):
+    """The fused loss without the head's gradient (the old behaviour): the harness FAILs on
+    the tied embedding's gradient, and only there."""
+    import dataclasses
+
+    from aropd_mlx import head as head_module
+
+    real = head_module.head_from_model
+    monkeypatch.setattr(head_module, "head_from_model",
+                        lambda m: dataclasses.replace(real(m), trainable=False))
+    report = run_parity(str(tiny_qwen2), device="cpu", method="ar-opd", seed=2,
+                        fine_tune="full", **FAST)
+    failed = [c["quantity"] for c in report["checks"] if not c["pass"]]
+    assert failed == ["grad model.embed_tokens.weight"], format_parity(report)
+
+
+def test_parity_full_fine_tune_keeps_an_untied_head_frozen(tiny_llama):
+    report = run_parity(str(tiny_llama), device="cpu", method="ar-opd", seed=2,
+                        fine_tune="full", **FAST)
+    _assert_pass(report)
+    names = {c["quantity"] for c in report["checks"]}
+    assert "grad model.embed_tokens.weight" in names and "grad lm_head.weight" not in names
 
 
 @pytest.mark.parametrize("layers,keys", [(-1, None), (0, None), (1, None), (9, None),

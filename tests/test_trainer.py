@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from aropd_mlx.batches import METHOD_VIEWS
 from aropd_mlx.config import METHODS
-from aropd_mlx.models import Teacher, head_from_model, load_student, trainable
+from aropd_mlx.head import head_from_model
+from aropd_mlx.models import Teacher, load_student, trainable
 from aropd_mlx.scoring import response_hidden
-from aropd_mlx.trainer import METHOD_VIEWS, train
+from aropd_mlx.trainer import train
 
 from helpers import lab_examples, tiny_config
 
@@ -166,8 +168,9 @@ def test_quantized_base_trains_with_a_quantized_head(tiny_llama, tmp_path):
 
 
 def test_full_fine_tune_trains_all_but_the_untied_head(tiny_llama, tmp_path):
-    """The fused loss gives the head no gradient: in a full fine-tune it is frozen, so weight
-    decay cannot shrink it either; every other weight trains (the embedding included)."""
+    """An untied lm_head stays frozen in a full fine-tune (so weight decay cannot shrink it
+    either); every other weight trains (the embedding included). A tied head trains:
+    tests/test_heads.py."""
     cfg, model, _, before, _ = _run(tiny_llama, tmp_path / "r", **{
         "model.fine_tune_type": "full", "train.weight_decay": 0.5, "train.learning_rate": 0.01})
     assert "lm_head.weight" not in before and "model.embed_tokens.weight" in before

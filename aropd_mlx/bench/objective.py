@@ -20,7 +20,8 @@ import time
 
 import mlx.core as mx
 
-from aropd_mlx.fused import OutputHead, fused_loss
+from aropd_mlx.fused import fused_loss
+from aropd_mlx.head import OutputHead
 from aropd_mlx.objective import ObjectiveSettings, naive_loss
 
 

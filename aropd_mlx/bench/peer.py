@@ -94,13 +94,13 @@ class Ours:
     compared with the mean of our measurements just before and just after it)."""
 
     def __init__(self, model_path, rows: int, max_new_tokens: int, seed: int = 0):
-        from aropd_mlx import trainer as tr
         from aropd_mlx.bench.step import setup_run
+        from aropd_mlx.optimizer import make_optimizer
 
         self.cfg, self.model, self.tok, self.teacher, self.encoded = setup_run(
             "peer", "opd", batch=rows, group=1, max_new_tokens=max_new_tokens,
             fine_tune="full", alpha=1.0, model_path=model_path, seed=seed)
-        self.optimizer = tr.make_optimizer(self.cfg)
+        self.optimizer = make_optimizer(self.cfg)
         self.optimizer.init(self.model.trainable_parameters())
         self.rows, self.step, self.lines = rows, 0, []
         self.measure(0)  # warm-up: compiles

@@ -14,9 +14,9 @@ Tiny CPU size: bench_step("lab", batch=2, group=1, max_new_tokens=8, repeats=1).
 
 FLOPs (N_body: the decoder's matmul weights, N_head: the output head, per token): a forward
 is 2N, the student's backward 2N more for input gradients plus 2N for weight gradients where
-weights train (full fine-tuning; the head is frozen by the fused loss, LoRA's own FLOPs are
-negligible). The student and each teacher view run the backbone over prompt + response[:-1]
-and the head over the response only (the teacher views' head projections happen inside the
+weights train (full fine-tuning; an untied head is frozen, a tied head's output-side
+gradient is not counted; LoRA's own FLOPs are negligible). The student and each teacher view
+run the backbone over prompt + response[:-1] and the head over the response only (the teacher views' head projections happen inside the
 fused loss, so they count in the update phase); the rollout and the teacher views run each
 prompt once per group (prefix.py), then one position per response token. Padding and attention's T^2 term are not counted.
 """
@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import time
 
+from aropd_mlx.batches import METHOD_VIEWS, PromptEncoder
 from aropd_mlx.bench.common import (FlopModel, bench_model, gemm_peak_gflops, lab_examples,
                                     lab_view_overrides, median, no_eos, ratio)
+from aropd_mlx.optimizer import make_optimizer
 
 PHASES = ("rollout", "scoring", "update")
 
@@ -51,7 +53,7 @@ def setup_run(model_name: str, method: str, *, batch: int, group: int, max_new_t
     cfg = load_config(overrides=overrides)
     model, tokenizer = load_student(cfg.model)
     teacher = Teacher.create(model, tokenizer, cfg.model)
-    encoder = tr.PromptEncoder(cfg, tokenizer)
+    encoder = PromptEncoder(cfg, tokenizer)
     encoded = [encoder(e) for e in lab_examples(batch, seed)]
     return cfg, model, tokenizer, teacher, encoded
 
@@ -91,7 +93,7 @@ def bench_step(model_name: str = "lab", batch: int = 8, group: int = 4, max_new_
     cfgs = {"ar-opd": cfg, "opd": with_overrides(cfg, train={"method": "opd"})}
     optims = {}
     for name, c in cfgs.items():
-        optims[name] = tr.make_optimizer(c)
+        optims[name] = make_optimizer(c)
         optims[name].init(model.trainable_parameters())
     prompts = [e.prompts["student"] for e in encoded]
     lines = {name: [] for name in cfgs}
@@ -127,10 +129,10 @@ def bench_step(model_name: str = "lab", batch: int = 8, group: int = 4, max_new_
         result[f"{phase}_ratio"] = ratio(result[f"ar-opd_{phase}_seconds"],
                                          result[f"opd_{phase}_seconds"])
     # the floor set by the work itself: privileged prompts are longer than the student's
-    from aropd_mlx.models import head_from_model
+    from aropd_mlx.head import head_from_model
 
     fm, head = FlopModel.of(model), head_from_model(model).weight.size
-    flops = {name: sum(step_flops(fm, head, encoded, tr.METHOD_VIEWS[name], group,
+    flops = {name: sum(step_flops(fm, head, encoded, METHOD_VIEWS[name], group,
                                   list(responses.lengths), fine_tune == "full").values())
              for name in cfgs}
     result["prompt_tokens_mean"] = {v: sum(len(e.prompts[v]) for e in encoded) / len(encoded)
@@ -164,12 +166,12 @@ def bench_mfu(model_name: str = "56m", method: str = "ar-opd", batch: int = 4, g
               model_path=None, peak_gflops: float | None = None) -> dict:
     """Full training steps; achieved GFLOP/s per phase and as a share of the GEMM peak."""
     from aropd_mlx import trainer as tr
-    from aropd_mlx.models import head_from_model
+    from aropd_mlx.head import head_from_model
 
     cfg, model, tok, teacher, encoded = setup_run(
         model_name, method, batch=batch, group=group, max_new_tokens=max_new_tokens,
         fine_tune=fine_tune, seed=seed, model_path=model_path)
-    optimizer = tr.make_optimizer(cfg)
+    optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     fm = FlopModel.of(model)
     head = head_from_model(model).weight
@@ -182,7 +184,7 @@ def bench_mfu(model_name: str = "56m", method: str = "ar-opd", batch: int = 4, g
     peaks.append(measure_peak())
     peak = max(peaks)
     rows = batch * group
-    flops = step_flops(fm, head.size, encoded, tr.METHOD_VIEWS[method], group,
+    flops = step_flops(fm, head.size, encoded, METHOD_VIEWS[method], group,
                        [max_new_tokens] * rows, fine_tune == "full")
     timed = lines[1:]
     result = {"model": model_name, "method": method, "fine_tune": fine_tune, "rows": rows,

@@ -168,7 +168,7 @@ def view_logprobs(model, tokenizer, examples, views) -> dict[str, float]:
     import mlx.core as mx
     import numpy as np
 
-    from aropd_mlx.models import head_from_model
+    from aropd_mlx.head import head_from_model
     from aropd_mlx.scoring import response_hidden
     from aropd_mlx.views import encode_response, encode_views, render_views
 

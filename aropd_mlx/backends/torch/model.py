@@ -177,7 +177,7 @@ class TorchStep:
     target: np.ndarray | None  # (N, T) target log-prob of each response token (None: no teacher)
     per_token: np.ndarray  # (N, T) masked per-token loss
     loss: float
-    grads: dict[str, np.ndarray]  # LoRA parameter name -> gradient
+    grads: dict[str, np.ndarray]  # trained parameter name (LoRA, or every weight) -> gradient
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -197,12 +197,36 @@ def _torch_settings(settings):
 
 class TorchStudent:
     """A transformers model with the LoRA mirror attached; the teacher is the same model with
-    LoRA off (the frozen self-teacher)."""
+    LoRA off (the frozen self-teacher).
 
-    def __init__(self, model: nn.Module, spec: LoraSpec, device: str):
-        self.model, self.spec, self.device = model, spec, device
-        self.targets = attach_lora(model, spec)
+    `full=True` mirrors full fine-tuning instead: no LoRA, every weight trains except an untied
+    lm_head (aropd-mlx keeps that frozen; a tied one trains through both of its uses), and the
+    frozen teacher is the model's weights as loaded (at step 0: the student itself)."""
+
+    def __init__(self, model: nn.Module, spec: LoraSpec | None, device: str, full: bool = False):
+        self.model, self.spec, self.device, self.full = model, spec, device, full
+        self.targets = [] if full else attach_lora(model, spec)
+        if full:
+            model.requires_grad_(True)
+            # torch's padding_idx drops the pad row's lookup gradient; mlx-lm's embedding has
+            # no such rule (a sampled pad id is an input like any other): mirror mlx-lm
+            model.get_input_embeddings().padding_idx = None
+            head = model.get_output_embeddings()
+            if head is not None and head.weight is not model.get_input_embeddings().weight:
+                head.requires_grad_(False)
         self.model.to(device)
+
+    @classmethod
+    def load_full(cls, path: str, device: str = "cpu") -> "TorchStudent":
+        """The checkpoint for a full fine-tune (see the class docstring)."""
+        return cls(load_hf_model(path, resolve_device(device)), None, resolve_device(device),
+                   full=True)
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """What the step differentiates: the LoRA weights, or every trainable weight (full)."""
+        if self.full:
+            return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return self.lora_parameters()
 
     @classmethod
     def load(cls, path: str, adapter: str | Path | None = None, device: str = "cpu",
@@ -290,7 +314,7 @@ class TorchStudent:
         views: () for SFT, (anchor,) for single-view OPD, ("partial", "full") for AR-OPD."""
         tok = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
         msk = torch.as_tensor(np.asarray(mask), dtype=torch.float32, device=self.device)
-        params = self.lora_parameters()
+        params = self.trained_parameters()
         for p in params.values():
             p.grad = None
         with exact_float32():

@@ -67,12 +67,16 @@ class ParityBatch:
 
 # ----------------------------------------------------------------------------- MLX side
 
-def model_settings(model_path: str, adapter: str | Path | None):
+def model_settings(model_path: str, adapter: str | Path | None, fine_tune: str = "lora"):
     """ModelSettings for the MLX student: the adapter's own LoRA layout when given (dropout 0:
-    parity compares deterministic passes), else the project's defaults."""
+    parity compares deterministic passes), else the project's defaults; or a full fine-tune."""
     from aropd_mlx.backends.torch.model import LoraSpec, read_adapter_config
     from aropd_mlx.models import ModelSettings
 
+    if fine_tune == "full":
+        if adapter is not None:
+            raise UserError("parity: a full fine-tune starts from the model itself (no --adapter)")
+        return ModelSettings(path=model_path, fine_tune_type="full", lora_dropout=0.0)
     if adapter is None:
         return ModelSettings(path=model_path, lora_dropout=0.0)
     spec = LoraSpec.from_adapter_config(read_adapter_config(adapter),
@@ -99,7 +103,8 @@ def draw_batch(model, tokenizer, method: str, examples, views, settings, *, seed
     """The trainer's own batch for step 0: PromptEncoder, then draw_responses (sampled once)."""
     from aropd_mlx.config import RunConfig, TrainSettings
     from aropd_mlx.rollout import RolloutSettings
-    from aropd_mlx.trainer import METHOD_VIEWS, PromptEncoder, draw_responses, objective_for
+    from aropd_mlx.batches import METHOD_VIEWS, PromptEncoder
+    from aropd_mlx.trainer import draw_responses, objective_for
 
     if not getattr(tokenizer, "chat_template", None):
         views = replace(views, use_chat_template=False)
@@ -138,25 +143,27 @@ def mlx_side(model, tokenizer, batch: ParityBatch, model_settings) -> SideResult
     from mlx.utils import tree_flatten
 
     from aropd_mlx.fused import fused_loss
-    from aropd_mlx.models import Teacher, head_from_model
+    from aropd_mlx.head import head_from_model
+    from aropd_mlx.models import Teacher
     from aropd_mlx.scoring import response_hidden, score_views
 
     views, tokens, lengths, pad = batch.views, batch.tokens, batch.lengths, batch.pad_id
-    teacher_h = {}
+    teacher_h, teacher_head = {}, None
     if views:
         teacher = Teacher.create(model, tokenizer, replace(model_settings, teacher="frozen"))
         with teacher.active(model) as scorer:
             teacher_h = score_views(scorer, {v: batch.prompts[v] for v in views}, tokens,
                                     lengths, pad)
+            teacher_head = head_from_model(scorer)
     head = head_from_model(model)
     resp_tokens, resp_mask = mx.array(tokens), mx.array(batch.mask)
 
-    def loss_fn(m):
+    def loss_fn(m):  # the head from `m`: a tied head under full fine-tuning trains
         sh = response_hidden(m, batch.prompts["student"], tokens, lengths, pad)
-        out = fused_loss(sh, head, resp_tokens, resp_mask,
+        out = fused_loss(sh, head_from_model(m), resp_tokens, resp_mask,
                          teacher_h[views[0]] if views else None,
                          teacher_h[views[1]] if len(views) > 1 else None,
-                         settings=batch.settings)
+                         teacher_head=teacher_head, settings=batch.settings)
         return out.loss, out
 
     (loss, out), grads = nn.value_and_grad(model, loss_fn)(model)
@@ -165,7 +172,8 @@ def mlx_side(model, tokenizer, batch: ParityBatch, model_settings) -> SideResult
     student_h = mx.stop_gradient(response_hidden(model, batch.prompts["student"], tokens,
                                                  lengths, pad))
     logprobs = {"student": _mlx_logprobs(head, student_h, tokens)}
-    logprobs.update({f"teacher:{v}": _mlx_logprobs(head, teacher_h[v], tokens) for v in views})
+    logprobs.update({f"teacher:{v}": _mlx_logprobs(teacher_head, teacher_h[v], tokens)
+                     for v in views})
     return SideResult(logprobs=logprobs, target=None if target is None else np.array(target),
                       per_token=np.array(out.per_token), loss=float(loss.item()),
                       grads={k: np.array(v) for k, v in tree_flatten(grads)})
@@ -266,14 +274,17 @@ def _versions() -> dict:
 def run_parity(model_path: str, adapter: str | Path | None = None, device: str = "auto",
                method: str = "ar-opd", seed: int = 0, *, examples=None, views=None,
                settings=None, n_prompts: int = 2, group_size: int = 2, max_new_tokens: int = 32,
-               thresholds: dict | None = None, torch_adapter: str | Path | None = None) -> dict:
+               thresholds: dict | None = None, torch_adapter: str | Path | None = None,
+               fine_tune: str = "lora") -> dict:
     """MLX against torch on one batch; returns a JSON-able report with "pass" and "checks".
 
     examples: data-schema dicts or Examples (default: `n_prompts` lab-style problems, with the
     lab's views); views: ViewSettings (default: the lab's, or ViewSettings() for given
     examples); settings: ObjectiveSettings (default: the project's; SFT uses nll as the
     trainer does). adapter: a run or adapter directory (default: fresh adapters, lora_b = 0).
-    torch_adapter: other adapters for the torch side only (to see the harness fail)."""
+    torch_adapter: other adapters for the torch side only (to see the harness fail).
+    fine_tune: "lora", or "full" (every weight trains, the tied embedding through both of its
+    uses; an untied lm_head stays frozen on both sides): every weight's gradient is compared."""
     import mlx.core as mx
 
     from aropd_mlx.backends.torch.model import TorchStudent, resolve_device
@@ -283,10 +294,12 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
 
     if method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if fine_tune not in ("lora", "full"):
+        raise UserError(f"parity: fine_tune must be lora or full, got {fine_tune!r}")
     if examples is None and n_prompts < 1:
         raise UserError(f"parity: the number of prompts must be >= 1, got {n_prompts}")
     device = resolve_device(device)
-    msettings = model_settings(str(model_path), adapter)
+    msettings = model_settings(str(model_path), adapter, fine_tune)
     model, tokenizer = load_student(msettings, seed=seed)  # seed: the fresh lora_a draw
     if examples is None:
         examples, lab_views = lab_examples(n_prompts, seed)
@@ -296,12 +309,15 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
                        settings or ObjectiveSettings(), seed=seed, group_size=group_size,
                        max_new_tokens=max_new_tokens)
     ours = mlx_side(model, tokenizer, batch, msettings)
-    with tempfile.TemporaryDirectory(prefix="aropd-parity-") as tmp:
-        theirs = torch_adapter or adapter
-        if theirs is None:  # the fresh MLX adapters, through the same file format
-            save_adapters(tmp, model, msettings)
-            theirs = tmp
-        student = TorchStudent.load(str(model_path), theirs, device)
+    if fine_tune == "full":
+        student = TorchStudent.load_full(str(model_path), device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="aropd-parity-") as tmp:
+            theirs = torch_adapter or adapter
+            if theirs is None:  # the fresh MLX adapters, through the same file format
+                save_adapters(tmp, model, msettings)
+                theirs = tmp
+            student = TorchStudent.load(str(model_path), theirs, device)
     ref = student.step(batch.prompts, batch.tokens, batch.mask, batch.lengths, batch.views,
                        batch.settings, batch.pad_id)
     checks = compare(ours, ref, batch.mask, thresholds)
@@ -310,6 +326,7 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
         "model": str(model_path), "adapter": None if adapter is None else str(adapter),
         "torch_adapter": None if torch_adapter is None else str(torch_adapter),
         "method": method, "seed": seed, "teacher": "frozen", "lora_dropout": 0.0,
+        "fine_tune": fine_tune,
         "device": {"mlx": mx.default_device().type.name, "torch": device},
         "rows": int(batch.tokens.shape[0]), "response_tokens": int(batch.mask.sum()),
         "views": list(batch.views), "settings": asdict(batch.settings),
@@ -331,7 +348,8 @@ def format_parity(report: dict) -> str:
     if grads:
         worst = max(grads, key=lambda c: (not c["pass"], c["max_rel"] if c["max_rel"] is not None
                                           else math.inf))
-        rows.append({**worst, "quantity": f"grad ({len(grads)} LoRA tensors), worst",
+        kind = "LoRA tensors" if report.get("fine_tune", "lora") == "lora" else "tensors"
+        rows.append({**worst, "quantity": f"grad ({len(grads)} {kind}), worst",
                      "pass": all(c["pass"] for c in grads),
                      "max_abs": max((c["max_abs"] or 0.0) for c in grads),
                      "where": worst["quantity"][5:]})

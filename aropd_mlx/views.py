@@ -1,9 +1,9 @@
 """The three prompts of one example: the student's, the partial view (the anchor), the full view.
 
 METHOD.md: the partial view holds the first `partial_ratio` of the oracle reasoning's
-characters (extended to the next word boundary) plus the final answer; the full view holds the
-whole reasoning plus the answer; both are shown as an example before the question is answered
-again. The student sees only the question. Responses are the same tokens under every view:
+characters (a word cut there is finished, none is started) plus the final answer; the full view
+holds the whole reasoning plus the answer; both are shown as an example before the question is
+answered again. The student sees only the question. Responses are the same tokens under every view:
 only the prompts differ.
 
     views = render_views(example, ViewSettings())
@@ -12,6 +12,7 @@ only the prompts differ.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 from aropd_mlx.errors import UserError
@@ -41,24 +42,49 @@ class ViewSettings:
             raise UserError(f"views.partial_ratio must be in [0, 1], got {self.partial_ratio}")
         if self.pad_reference_lines < 0:
             raise UserError("views.pad_reference_lines must be >= 0")
-        for name in ("student_template", "privileged_template"):
-            template = getattr(self, name)
-            try:
-                template.format(question="", reference="", answer="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise UserError(f"views.{name}: bad placeholder {e} (use {{question}}, "
-                                "{reference}, {answer})") from None
-        if "{question}" not in self.student_template:
-            raise UserError("views.student_template must contain {question}")
+        for name, (allowed, required) in TEMPLATE_FIELDS.items():
+            check_template(f"views.{name}", getattr(self, name), allowed, required)
+
+
+# Each template's placeholders: (allowed, required). The student sees only the question; a
+# privileged view without {reference} would make the partial and the full view one prompt.
+TEMPLATE_FIELDS = {
+    "student_template": (("question",), ("question",)),
+    "privileged_template": (("question", "reference", "answer"), ("question", "reference")),
+    "response_template": (("solution", "answer"), ("solution",)),
+}
+
+
+def check_template(key: str, template: str, allowed: tuple[str, ...],
+                   required: tuple[str, ...]) -> None:
+    """A `UserError` naming `key` and the placeholder when `template` uses one outside
+    `allowed`, lacks one of `required`, or is not a valid format string."""
+    use = ", ".join("{" + a + "}" for a in allowed)
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        raise UserError(f"{key}: not a valid template ({e}); placeholders: {use}, "
+                        "literal braces: {{ }}") from None
+    for field in names:
+        if field not in allowed:
+            raise UserError(f"{key}: unknown placeholder {{{field}}} (use {use})")
+    for field in required:
+        if field not in names:
+            raise UserError(f"{key} must contain {{{field}}}")
 
 
 def partial_reference(solution: str, ratio: float) -> str:
-    """The first `ratio` of the characters of `solution`, extended to the next whitespace."""
+    """The first `ratio` of the characters of `solution`, extended to a word boundary.
+
+    The cut sits at floor(ratio * len). Inside a word it moves to that word's end; on a word's
+    first letter (or in whitespace) it stays, so no word starting past the cut is included.
+    Trailing whitespace is dropped; ratio 0 gives "" and ratio 1 the whole solution."""
     if ratio >= 1.0:
         return solution
     cut = int(len(solution) * ratio)
-    while cut < len(solution) and not solution[cut].isspace():
-        cut += 1
+    if cut > 0 and not solution[cut - 1].isspace():  # mid-word: finish the word
+        while cut < len(solution) and not solution[cut].isspace():
+            cut += 1
     return solution[:cut].rstrip()
 
 

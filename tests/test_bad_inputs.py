@@ -180,6 +180,10 @@ YAML_CASES = {  # name: (yaml text, needles)
     "max_prompt_tokens_zero": ("data:\n  max_prompt_tokens: 0\n", ["run.yaml:2", "data.max_prompt_tokens"]),
     "partial_ratio_out_of_range": ("views:\n  partial_ratio: 1.5\n", ["run.yaml:2", "views.partial_ratio"]),
     "int_is_null": ("train:\n  keep_checkpoints: null\n", ["run.yaml:2", "train.keep_checkpoints"]),
+    "privileged_without_reference": ('views:\n  privileged_template: "{question} {answer}"\n',
+                                     ["run.yaml:2", "views.privileged_template", "{reference}"]),
+    "response_bad_placeholder": ('views:\n  response_template: "{soluton} {answer}"\n',
+                                 ["run.yaml:2", "views.response_template", "{soluton}"]),
 }
 
 

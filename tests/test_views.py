@@ -1,0 +1,84 @@
+"""The partial view's cut (METHOD.md: the first `partial_ratio` of the oracle reasoning's
+characters, extended to a word boundary) and the view templates' placeholders."""
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aropd_mlx.errors import UserError
+from aropd_mlx.views import ViewSettings, partial_reference
+
+
+def reference_cut(solution: str, ratio: float) -> str:
+    """Naive reference: the words (maximal runs of non-space) that have at least one character
+    among the first floor(ratio * len) characters, as written in the solution (the spaces
+    between them kept), nothing after the last one."""
+    if ratio >= 1.0:
+        return solution
+    budget = int(len(solution) * ratio)
+    ends = [m.end() for m in re.finditer(r"\S+", solution) if m.start() < budget]
+    return solution[: ends[-1]] if ends else ""
+
+
+@pytest.mark.parametrize("ratio, want", [
+    (0.0, ""),
+    (0.5, "alpha beta"),  # the cut (11) lands on "gamma"'s g: gamma is not started
+    (0.25, "alpha"),  # the cut (5) lands on the space after alpha
+    (0.3, "alpha"),  # the cut (6) lands on b, a word start: beta is not started
+    (0.32, "alpha beta"),  # the cut (7) lands inside "beta": finish it
+    (0.75, "alpha beta gamma"),
+    (1.0, "alpha beta gamma delta"),
+])
+def test_partial_reference_examples(ratio, want):
+    assert partial_reference("alpha beta gamma delta", ratio) == want
+
+
+def test_half_of_the_characters_stays_near_half():
+    """The reported defect: 0.5 gave "alpha beta gamma" (73% of the characters)."""
+    text = "alpha beta gamma delta"
+    cut = partial_reference(text, 0.5)
+    assert len(cut) <= len(text) * 0.5
+
+
+words = st.lists(st.text(alphabet="abcxyz.=+1", min_size=1, max_size=8), min_size=0, max_size=12)
+spaces = st.lists(st.sampled_from([" ", "  ", "\n", "\t", " \n"]), min_size=13, max_size=13)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=words, gaps=spaces, lead=st.sampled_from(["", " ", "\n"]),
+       ratio=st.floats(0.0, 1.0))
+def test_partial_reference_matches_the_naive_cut(words, gaps, lead, ratio):
+    solution = lead + "".join(w + g for w, g in zip(words, gaps)).rstrip()
+    got = partial_reference(solution, ratio)
+    assert got == reference_cut(solution, ratio)
+    assert solution.startswith(got)
+    # never more than the budget plus the rest of one word
+    budget = int(len(solution) * ratio)
+    longest = max((len(w) for w in words), default=0)
+    assert ratio >= 1.0 or len(got) <= budget + longest
+
+
+@pytest.mark.parametrize("key, template, needles", [
+    ("privileged_template", "{question}\nExample: {answer}", ["views.privileged_template", "{reference}"]),
+    ("privileged_template", "{question} {refrence} {answer}", ["views.privileged_template", "{refrence}"]),
+    ("privileged_template", "{question} {reference} {", ["views.privileged_template", "template"]),
+    ("response_template", "{soluton}\nFinal answer: {answer}", ["views.response_template", "{soluton}"]),
+    ("response_template", "Final answer: {answer}", ["views.response_template", "{solution}"]),
+    ("response_template", "{solution} {0}", ["views.response_template", "{0}"]),
+    ("student_template", "{question} {answer}", ["views.student_template", "{answer}"]),
+    ("student_template", "Solve it.", ["views.student_template", "{question}"]),
+])
+def test_bad_templates_name_the_key_and_placeholder(key, template, needles):
+    with pytest.raises(UserError) as e:
+        ViewSettings(**{key: template}).validate()
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_good_templates_pass():
+    ViewSettings().validate()
+    ViewSettings(privileged_template="{question}{{literal}}\n{reference}", response_template="{solution}",
+                 student_template="Q: {question!s}").validate()

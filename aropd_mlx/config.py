@@ -33,7 +33,7 @@ METHODS = ("sft", "opd", "partial-opd", "full-opd", "ar-opd")
 class DataSettings:
     train: str = "lab"  # a JSONL path, hf://datasets/OWNER/NAME/file.jsonl, or "lab"
     eval: str | None = None  # held-out JSONL; None: `eval_fraction` of train (or the lab's set)
-    eval_fraction: float = 0.0
+    eval_fraction: float = 0.0  # without `eval`: this share of train held out (data.split), not trained on
     max_prompt_tokens: int = 2048  # longer prompts are skipped and counted (see README)
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@ final_answer -> answer. Anything wrong is a `UserError` naming the file, the lin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -126,13 +127,39 @@ def write_examples(path: str | os.PathLike, examples: list[Example] | list[dict]
     os.replace(tmp, path)
 
 
-def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded shuffle, then the last `eval_fraction` for evaluation."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(len(examples) * eval_fraction))
-    train = [examples[i] for i in order[: len(order) - n_eval]]
-    return train, [examples[i] for i in order[len(order) - n_eval:]]
+def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
+    """(train, eval): round(eval_fraction * n) examples held out for evaluation, the rest to train.
+
+    Which ones is a pure function of each example's content (a SHA-256 of its id and question),
+    not of the file order nor of the run's seed: every seed of a comparison and a resumed run
+    hold out the same problems. Both parts keep the file order. A fraction > 0 holds out at
+    least one example and always leaves at least one to train on."""
+    n = len(examples)
+    if eval_fraction <= 0 or n == 0:
+        return list(examples), []
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
+    if n_eval < 1:
+        raise UserError(f"data.eval_fraction={eval_fraction} needs at least 2 examples, got {n}")
+
+    def key(i: int) -> tuple[str, int]:
+        ex = examples[i]
+        return hashlib.sha256(f"{ex.id}\x00{ex.question}".encode()).hexdigest(), i
+
+    held = set(sorted(range(n), key=key)[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
+def train_and_eval(data, need: tuple[str, ...]) -> tuple[list[Example], list[Example]]:
+    """The training and evaluation examples of `data` (config.DataSettings): `data.eval` when
+    set; else `data.eval_fraction` of `data.train` held out (see `split`); else none."""
+    if data.eval:
+        return (load_examples(data.train, need=need),
+                load_examples(data.eval, need=("question", "answer")))
+    if data.eval_fraction > 0:  # the held-out part is evaluated: it needs answers
+        need = tuple(dict.fromkeys((*need, "answer")))
+        return split(load_examples(data.train, need=need), data.eval_fraction)
+    return load_examples(data.train, need=need), []
 
 
 @lru_cache(maxsize=4)

@@ -149,7 +149,7 @@ def train_command(
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
 ):
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
-    from aropd_mlx.data import load_examples
+    from aropd_mlx.data import train_and_eval
     from aropd_mlx.checkpoint import check_run_dir
     from aropd_mlx.models import Teacher, check_supported, load_student
     from aropd_mlx.trainer import train
@@ -162,8 +162,7 @@ def train_command(
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
-    examples = load_examples(cfg.data.train, need=need)
-    eval_examples = load_examples(cfg.data.eval, need=("question", "answer")) if cfg.data.eval else []
+    examples, eval_examples = train_and_eval(cfg.data, need)  # data.eval or eval_fraction held out
     student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
     teacher_ = Teacher.create(student, tokenizer, cfg.model)

@@ -1,8 +1,8 @@
 """On-policy rollouts: the student samples G responses per prompt in a plain batched KV-cache loop.
 
 Each distinct prompt is prefilled once and its cache fanned out to its G rows (prefix.py). Each
-step feeds the rows' last tokens, samples with mlx-lm's sampler (`make_sampler`: greedy at
-temperature 0, top-p) and queues the next step before looking at this one (`async_eval`). The
+step feeds the rows' last tokens, samples (`make_rollout_sampler`: greedy at temperature 0, else
+temperature then top-p) and queues the next step before looking at this one (`async_eval`). The
 tokens stay on the device until the chunk ends. Every few steps the rows that have sampled an
 EOS leave the batch (the loop ends when all have); each row's first EOS is found on the host
 afterwards, so the result is exactly that of a per-token check. A row keeps its EOS (the
@@ -13,6 +13,13 @@ Why not mlx-lm's BatchGenerator: per token it normalizes the log-probs over the 
 hands back one Python object per row and syncs with the host; at the small batches of a
 rollout that bookkeeping is ~10-15% of the decode time (docs/BENCHMARKS.md). It remains the
 path for models whose caches are not plain KV caches (sliding windows, recurrent layers).
+
+Sampling order, as in Hugging Face transformers and vLLM: the logits are divided by the
+temperature first, and the top-p nucleus is chosen on that *tempered* distribution (the smallest
+set of most likely tokens whose tempered mass reaches top_p), then renormalized and sampled.
+mlx-lm's `make_sampler` does the opposite (the nucleus on the untempered distribution, then the
+temperature), which keeps a different set of tokens whenever temperature != 1 and top_p < 1;
+`make_rollout_sampler` reuses its pieces (`apply_top_p`, `categorical_sampling`) in HF's order.
 
     batch = sample(model, tokenizer, prompts, RolloutSettings(group_size=4), seed=step_seed)
     batch.tokens  # (N, T) int32, right-padded; batch.mask (N, T) 1 on response tokens incl. EOS
@@ -70,15 +77,32 @@ def pad_responses(rows: list[list[int]], finished: list[bool], pad_id: int = 0) 
     return Responses(mx.array(tokens), mx.array(mask), [len(r) for r in rows], finished)
 
 
+def make_rollout_sampler(temperature: float, top_p: float = 1.0):
+    """logits (N, V) -> sampled tokens (N,): greedy at temperature 0; else softmax(logits /
+    temperature) restricted to its top-p nucleus (HF/vLLM order: temperature first)."""
+    from mlx_lm.sample_utils import apply_top_p, categorical_sampling, make_sampler
+
+    if temperature == 0 or not 0.0 < top_p < 1.0:
+        return make_sampler(temperature)  # no nucleus: the order does not matter
+    inverse = 1.0 / temperature
+
+    def sampler(logits: mx.array) -> mx.array:
+        tempered = logits * inverse
+        # apply_top_p reads e^x: normalized log-probs cannot overflow it
+        tempered = tempered - mx.logsumexp(tempered, axis=-1, keepdims=True)
+        # categorical at temperature 1: the same random draw as make_sampler's
+        return categorical_sampling(apply_top_p(tempered, top_p), 1.0)
+
+    return sampler
+
+
 def sample(model, tokenizer, prompts: list[list[int]], settings: RolloutSettings,
            seed: int) -> Responses:
     """Sample `group_size` responses for every prompt. Deterministic given `seed`."""
-    from mlx_lm.sample_utils import make_sampler
-
     mx.random.seed(seed)  # the sampler draws from MLX's global generator
     eos = sorted(tokenizer.eos_token_ids)
     pad_id = tokenizer.pad_token_id or 0
-    sampler = make_sampler(settings.temperature, top_p=settings.top_p)
+    sampler = make_rollout_sampler(settings.temperature, settings.top_p)
     if not supports_prefix_cache(model):
         return _sample_batch_generator(model, prompts, settings, sampler, eos, pad_id)
     g, stop_ids = settings.group_size, set(eos)
@@ -110,16 +134,13 @@ def _decode(model, row_prompts: list[list[int]], sampler, settings: RolloutSetti
     # the prompts' last tokens start the decoding
     cache, _ = prefill(model, [p[:-1] for p in unique], pad_id, room=settings.max_new_tokens)
     expand(cache, index)
-    # top-p needs log-probs; greedy and plain temperature sampling are unchanged by the
-    # per-row shift, and skipping it saves a pass of exp over the vocabulary per token
-    normalize = 0.0 < settings.top_p < 1.0 and settings.temperature > 0
     alive = np.arange(len(row_prompts))  # the rows in the batch, in batch order
     slot = None  # batch position of every row (None: all rows, in order)
 
     def step(inputs: mx.array) -> mx.array:
+        # the raw logits: the sampler normalizes only where top-p needs it (one pass of exp
+        # over the vocabulary per token saved at plain temperature sampling)
         logits = model(inputs[:, None], cache=cache)[:, -1, :]
-        if normalize:
-            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logits if slot is None else logits[slot])  # one token for every row
 
     stops = mx.array(eos) if eos else None

@@ -144,15 +144,25 @@ def gather_last(x: mx.array, index: mx.array) -> mx.array:
 
 def _anchored_from_logprobs(partial: mx.array, full: mx.array, lam: float,
                             clip: float | None) -> mx.array:
+    """log_softmax(P + lam * clip(F - P, -clip, clip)) from the views' log-probs P and F.
+
+    Entries that are -inf in a view (a token that view rules out) are taken at their limits:
+    - with a clip, the residual is bounded: where P = -inf the target is -inf (the anchor's
+      support is kept), where only F = -inf it is P - lam * clip;
+    - without a clip, P + lam (F - P) = (1 - lam) P + lam F: lam = 0 gives P and lam = 1 gives
+      F exactly; any other lam rules out every token that either view rules out (for lam > 1
+      the literal formula would give a token the anchor rules out an infinite weight). A row
+      where the two views share no token has no such mixture: its target is the anchor.
+    """
     p = mx.maximum(partial, _LOGPROB_FLOOR)
     f = mx.maximum(full, _LOGPROB_FLOOR)
-    if clip is None:
-        # same as P + lam*(F - P), written so that lam = 1 returns F exactly even where P is
-        # floored (P + (F - P) would lose F to rounding next to 1e30).
-        mixed = (1.0 - lam) * p + lam * f
-    else:
-        mixed = p + lam * mx.clip(f - p, -clip, clip)
-    return log_softmax(mixed)
+    if clip is not None:
+        return log_softmax(p + lam * mx.clip(f - p, -clip, clip))
+    if lam == 0.0 or lam == 1.0:  # exactly P or F, even where the other view is -inf
+        return log_softmax(f if lam == 1.0 else p)
+    shared = (p > _LOGPROB_FLOOR) & (f > _LOGPROB_FLOOR)
+    mixed = mx.where(shared, (1.0 - lam) * p + lam * f, _LOGPROB_FLOOR)
+    return log_softmax(mx.where(shared.any(axis=-1, keepdims=True), mixed, p))
 
 
 def anchored_residual_target(partial_logits: mx.array, full_logits: mx.array,

@@ -118,6 +118,55 @@ def test_target_survives_minus_inf_in_both_views():
         close(np.exp(t.astype(np.float64)).sum(-1), [1.0, 1.0])
 
 
+def np_anchored_target(partial_logits, full_logits, lam, clip):
+    """METHOD.md's target in float64 with -inf taken at its limits (no floors): the residual
+    F - P is 0 where both views are -inf and +-inf where one is; a clip bounds it; P = -inf
+    stays -inf under a clip. Without a clip, (1 - lam) P + lam F with 0 * inf = 0 (lam = 0, 1),
+    and any other lam rules out what either view rules out (for lam > 1 the literal form would
+    be +inf * ... undefined); a row sharing no token takes the anchor."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        P, F = np_logsoftmax(partial_logits), np_logsoftmax(full_logits)
+        if clip is not None:
+            r = np.where(np.isneginf(P) & np.isneginf(F), 0.0, F - P)
+            mixed = np.where(np.isneginf(P), -np.inf, P + lam * np.clip(r, -clip, clip))
+        elif lam in (0.0, 1.0):
+            mixed = F if lam == 1.0 else P
+        else:
+            both = np.isfinite(P) & np.isfinite(F)
+            mixed = np.where(both, (1 - lam) * P + lam * F, -np.inf)
+            mixed = np.where(both.any(-1, keepdims=True), mixed, P)
+        return np_logsoftmax(mixed)
+
+
+def masked_views(rows, v, seed, density=0.3):
+    """Two views' logits with independent -inf entries; entry 0 is finite in both views, and
+    the last row's views share no token (disjoint supports)."""
+    r = np.random.default_rng(seed)
+    p, f = (r.normal(size=(rows, v)).astype(np.float32) * 3 for _ in range(2))
+    p[r.random(p.shape) < density] = -np.inf
+    f[r.random(f.shape) < density] = -np.inf
+    p[:, 0], f[:, 0] = 0.5, -0.5
+    p[-1, v // 2:], f[-1, : v // 2] = -np.inf, -np.inf
+    return p, f
+
+
+@pytest.mark.parametrize("v", [50, 2048])  # 2048: the CPU's fast exp path
+@pytest.mark.parametrize("clip", [None, 5.0])
+@pytest.mark.parametrize("lam", [0.0, 0.8, 1.0, 1.4])
+def test_target_with_minus_inf_is_normalized_and_matches_float64(lam, clip, v):
+    """Reported: clip=None, lam > 1 and -inf entries gave rows summing to 50."""
+    p, f = masked_views(6, v, seed=int(lam * 10) + v)
+    got = np.array(obj.anchored_residual_target(mx.array(p), mx.array(f), lam=lam, clip=clip),
+                   np.float64)
+    want = np_anchored_target(p, f, lam, clip)
+    assert not np.isnan(got).any()
+    close(np.exp(got).sum(-1), np.ones(len(p)), rtol=2e-5)
+    live = np.isfinite(want)
+    assert live[:-1, 0].all()  # (the last row: entry 0 is -inf in F)
+    close(got[live], want[live], rtol=1e-5, atol=2e-4)
+    assert (np.exp(got[~live]) == 0).all()  # ruled out by the reference: no mass
+
+
 # ----------------------------------------------------------------------------- divergence
 
 def test_alpha_zero_is_forward_kl_and_alpha_one_reverse_kl():

@@ -54,6 +54,23 @@ def test_anchored_target_parity(lam, clip):
           mobj.anchored_residual_target(mx.array(zt), mx.array(zf), lam, clip))
 
 
+@pytest.mark.parametrize("clip", [None, 5.0])
+@pytest.mark.parametrize("lam", [0.0, 0.8, 1.0, 1.4])
+def test_anchored_target_parity_with_minus_inf(lam, clip):
+    """-inf entries in either view (and a row whose views share no token): same target."""
+    r = np.random.default_rng(7)
+    p, f = (r.normal(size=(5, 40)).astype(np.float32) * 3 for _ in range(2))
+    p[r.random(p.shape) < 0.3], f[r.random(f.shape) < 0.3] = -np.inf, -np.inf
+    p[:, 0], f[:, 0] = 0.0, 0.0
+    p[-1, 20:], f[-1, :20] = -np.inf, -np.inf
+    t = tobj.anchored_residual_target(torch.tensor(p), torch.tensor(f), lam, clip)
+    m = np.array(mobj.anchored_residual_target(mx.array(p), mx.array(f), lam, clip), np.float64)
+    agree(t.double().exp().sum(-1), np.ones(5))
+    live = m > -1e20
+    assert np.array_equal(live, as_np(t) > -1e20)
+    agree(as_np(t)[live], m[live], atol=2e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.2, 0.5, 0.9, 1 - 1e-6, 1.0])
 def test_jsd_parity_and_gradient(alpha):
     z, zt, _, _, _ = inputs()

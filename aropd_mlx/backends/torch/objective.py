@@ -58,11 +58,19 @@ def _pick(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _residual_mix(partial: torch.Tensor, full: torch.Tensor, lam: float, clip) -> torch.Tensor:
+    """log_softmax(P + lam * clip(F - P)) with -inf entries at their limits: with a clip,
+    P = -inf stays -inf; without one, lam = 0 / 1 give P / F exactly, and any other lam rules
+    out a token either view rules out (a row sharing no token falls back to the anchor)."""
     anchor, privileged = partial.clamp_min(_FLOOR), full.clamp_min(_FLOOR)
-    if clip is None:  # anchor + lam*(privileged - anchor), exact at lam = 1
-        return torch.log_softmax(anchor * (1.0 - lam) + privileged * lam, dim=-1)
-    residual = (privileged - anchor).clamp(-clip, clip)
-    return torch.log_softmax(anchor + lam * residual, dim=-1)
+    if clip is not None:
+        residual = (privileged - anchor).clamp(-clip, clip)
+        return torch.log_softmax(anchor + lam * residual, dim=-1)
+    if lam == 0.0 or lam == 1.0:
+        return torch.log_softmax(privileged if lam == 1.0 else anchor, dim=-1)
+    both = (anchor > _FLOOR) & (privileged > _FLOOR)
+    floor = torch.full_like(anchor, _FLOOR)
+    mixed = torch.where(both, anchor * (1.0 - lam) + privileged * lam, floor)
+    return torch.log_softmax(torch.where(both.any(dim=-1, keepdim=True), mixed, anchor), dim=-1)
 
 
 def anchored_residual_target(partial_logits, full_logits, lam: float = 0.8, clip=5.0):

@@ -7,7 +7,9 @@ over the vocabulary is `aropd_mlx.fused.fused_loss`; it reuses `token_losses` an
 `token_diagnostics` from this file on `(C, V)` chunks so the two cannot drift apart.
 
 Shapes: B sequences, T response positions (responses start at position 0), V vocabulary.
-All math runs in float32 (bf16/fp16 inputs are upcast), whatever the model dtype.
+All math runs in float32 (bf16/fp16 inputs are upcast), whatever the model dtype. `exp` and
+`logsumexp` are e^x and log sum e^x over the last axis; their CPU speed tricks live in
+`aropd_mlx.fastmath`, each beside its plain-MLX reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.fastmath import exp, logsumexp  # e^x and log-sum-exp (fast CPU paths; references there)
 
 LOSS_TYPES = ("full_vocab", "sampled_kl", "advantage", "nll")
 REDUCTIONS = ("sequence", "token")
@@ -80,35 +83,6 @@ class LossOutput:
 
 def _f32(x: mx.array) -> mx.array:
     return x if x.dtype in (mx.float32, mx.float64) else x.astype(mx.float32)
-
-
-_LOG2E = 1.4426950408889634
-
-
-def exp(x: mx.array) -> mx.array:
-    """e^x. On MLX's CPU backend `mx.exp` costs ~11.7 ns per element on x86 while
-    `mx.power(2, x)` costs ~4.3 (docs/BENCHMARKS.md), so there, over a last axis of 1024 or
-    more, it is 2^(x log2 e): the same value within ~1e-6 relative (mx.exp's own error is of
-    that size), 0 at -inf, inf at +inf. On a GPU, mx.exp. This is where the loss spends most of its elementwise time over V."""
-    if _fast_cpu_path(x):
-        return mx.power(2.0, x * _LOG2E)
-    return mx.exp(x)
-
-
-def _fast_cpu_path(x: mx.array) -> bool:
-    """2^(x log2 e) pays on the CPU over a vocabulary-sized last axis; over a small one its
-    extra ops cost more than they save (V = 99: 1.5x slower; V = 4096: 1.47x faster)."""
-    return mx.default_device() == mx.cpu and x.ndim > 0 and x.shape[-1] >= 1024
-
-
-def logsumexp(x: mx.array) -> mx.array:
-    """log sum_v e^x over the last axis (kept), through `exp`. A row of -inf gives -inf, a row
-    with +inf gives +inf, as mx.logsumexp does; the gradient is the softmax."""
-    if not _fast_cpu_path(x):
-        return mx.logsumexp(x, axis=-1, keepdims=True)
-    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    top = mx.where(mx.isinf(top), 0.0, top)  # all -inf (or an inf): shift by 0, exp decides
-    return top + mx.log(exp(x - top).sum(axis=-1, keepdims=True))
 
 
 def log_softmax(logits: mx.array, temperature: float = 1.0) -> mx.array:

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from aropd_mlx.config import RunConfig
 from aropd_mlx.data import Example, batch_at
 from aropd_mlx.errors import UserError
-from aropd_mlx.views import encode_response, encode_views, render_views
-
-# The teacher views each method distils from ("student" = the teacher without privilege).
-METHOD_VIEWS = {"sft": (), "opd": ("student",), "partial-opd": ("partial",),
-                "full-opd": ("full",), "ar-opd": ("partial", "full")}
+from aropd_mlx.views import METHOD_VIEWS, encode_response, encode_views, render_views
 
 
 @dataclass

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.jsonio import read_json
 from aropd_mlx.stats import mean_ci, paired_deltas
+from aropd_mlx.views import METHODS as TRAIN_METHODS
 
-METHODS = ("base", "sft", "opd", "partial-opd", "full-opd", "ar-opd")
+METHODS = ("base", *TRAIN_METHODS)  # the untrained model, then every training method
 METRICS = ("accuracy", "all_steps_correct_rate", "long_accuracy", "long_all_steps_correct_rate",
            "shortcut_rate")
 # paired deltas are computed against these (the table shows the first two; compare.md's
@@ -156,7 +158,7 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
                                   "lab": lab.settings.key()}))  # as it reads back from JSON
     saved = run_dir / "result.json"
     if settings.reuse and saved.is_file():
-        cached = json.loads(saved.read_text())
+        cached = read_json(saved)
         if cached.get("spec") == spec:
             return cached
     cfg = load_config(overrides=run_overrides(lab, variant, seed, settings.steps, run_dir,

@@ -24,9 +24,7 @@ from aropd_mlx.errors import UserError
 from aropd_mlx.models import ModelSettings
 from aropd_mlx.objective import ObjectiveSettings
 from aropd_mlx.rollout import RolloutSettings
-from aropd_mlx.views import ViewSettings
-
-METHODS = ("sft", "opd", "partial-opd", "full-opd", "ar-opd")
+from aropd_mlx.views import METHODS, ViewSettings  # noqa: F401 - METHODS: config's API too
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from aropd_mlx.evaluate import BUCKET_NAMES, LENGTH_BUCKETS
+from aropd_mlx.jsonio import read_json
 
 N_DECILES = 10
 FILE_NAME = "diagnostics.json"
@@ -193,7 +194,4 @@ class RunDiagnostics(DiagnosticsAccumulator):
 
 def load_diagnostics(run_dir: str | Path) -> dict | None:
     """The saved diagnostics.json of a run (None when there is none)."""
-    path = Path(run_dir) / FILE_NAME
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    return read_json(Path(run_dir) / FILE_NAME, missing=None)

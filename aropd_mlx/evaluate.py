@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from aropd_mlx.rollout import RolloutSettings, sample
+from aropd_mlx.rollout import MAX_NEW_TOKENS, RolloutSettings, sample
 from aropd_mlx.views import ViewSettings, encode_prompt, render_views
 
 LENGTH_BUCKETS = ((0, 256), (256, 512), (512, 768), (768, 1024), (1024, None))
@@ -273,7 +273,7 @@ def summary_markdown(summary: dict) -> str:
 
 def evaluate(model, tokenizer, examples: list, views: ViewSettings,
              checker: Callable[[object, str], dict] = answer_checker, k: int = 1,
-             temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0,
+             temperature: float = 0.0, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
              batch_size: int = 64) -> EvalResult:
     """k samples per example (temperature 0: greedy, then k = 1 suffices). Each record holds
     id, sample index, response tokens (EOS included), bucket, the text and the checker's keys."""

@@ -20,6 +20,7 @@ import numpy as np
 from aropd_mlx.diagnostics import BUCKET_NAMES, N_DECILES, DiagnosticsAccumulator, load_diagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.evaluate import markdown_table
+from aropd_mlx.jsonio import read_json
 from aropd_mlx.stats import format_ci, mean_ci
 
 SIGNAL_LABELS = {
@@ -43,10 +44,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _label(run_dir: Path) -> str:
     """A run's group label: the variant for .../<variant>/seed<N>, else the directory name."""
     if re.fullmatch(r"seed\d+", run_dir.name):
@@ -61,7 +58,7 @@ def collect(run_dirs: list[str | Path]) -> dict:
     for d in map(Path, run_dirs):
         if not d.is_dir():
             raise UserError(f"report: {d} is not a directory")
-        comp = _read_json(d / "compare.json")
+        comp = read_json(d / "compare.json", missing=None)
         if comp is not None:
             compares.append(comp)
             for r in comp.get("runs", []):
@@ -74,7 +71,7 @@ def collect(run_dirs: list[str | Path]) -> dict:
 
 
 def _load_run(d: Path) -> dict:
-    summary = _read_json(d / "summary.json") or {}
+    summary = read_json(d / "summary.json", missing={})
     return {"dir": d, "metrics": _read_jsonl(d / "metrics.jsonl"), "summary": summary,
             "diagnostics": load_diagnostics(d)}
 

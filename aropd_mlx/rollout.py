@@ -36,12 +36,13 @@ from aropd_mlx.errors import UserError
 from aropd_mlx.prefix import dedupe, expand, prefill, supports_prefix_cache
 
 CHECK_EVERY = 8  # decode steps between host checks of "every row has stopped"
+MAX_NEW_TOKENS = 256  # the response length limit of rollouts and evaluation unless set
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
     group_size: int = 4  # responses per prompt (G)
-    max_new_tokens: int = 256
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     completion_batch_size: int = 64

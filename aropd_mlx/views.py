@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from aropd_mlx.errors import UserError
 
 VIEW_NAMES = ("student", "partial", "full")
+# The training methods (the one list) and the teacher views each distils from ("student" = the
+# teacher without privilege; SFT has none: it trains on the oracle trace).
+METHOD_VIEWS = {"sft": (), "opd": ("student",), "partial-opd": ("partial",),
+                "full-opd": ("full",), "ar-opd": ("partial", "full")}
+METHODS = tuple(METHOD_VIEWS)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from aropd_mlx.backends.torch.parity import format_parity, run_parity  # noqa: E
 from aropd_mlx.errors import UserError  # noqa: E402
 from aropd_mlx.lab.tiny import char_vocab, write_tokenizer  # noqa: E402
 from aropd_mlx.models import ModelSettings, load_student, save_adapters, trainable  # noqa: E402
+from aropd_mlx.views import METHODS  # noqa: E402
 
-METHODS = ["sft", "opd", "partial-opd", "full-opd", "ar-opd"]
 FAST = {"max_new_tokens": 16}  # short rollouts keep the whole file well under a minute
 
 

@@ -14,7 +14,6 @@ Shapes: N rows, T response positions, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from aropd_mlx.backends.torch import objective as tobj
 from aropd_mlx.errors import UserError
+from aropd_mlx.jsonio import read_json
 
 
 # ----------------------------------------------------------------------------- LoRA mirror
@@ -83,10 +83,7 @@ def read_adapter_config(directory: str | Path) -> dict:
     path = Path(directory) / "adapter_config.json"
     if not path.is_file():
         raise UserError(f"adapter {directory}: no adapter_config.json there")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return read_json(path)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

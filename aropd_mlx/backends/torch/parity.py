@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.views import METHODS
 
-METHODS = ("sft", "opd", "partial-opd", "full-opd", "ar-opd")
 # fp32 limits: log-probs absolute, losses relative, gradients relative to the tensor's max |g|.
 # A per-token divergence inherits the log-probs' absolute rounding (~1e-6 on tiny models),
 # which is large next to a near-zero KL, so losses pass within rel * max|ref| + loss_abs_floor.

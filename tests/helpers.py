@@ -4,7 +4,7 @@ import numpy as np
 from aropd_mlx.config import load_config
 from aropd_mlx.data import Example
 from aropd_mlx.lab import task
-from aropd_mlx.lab.setup import view_overrides
+from aropd_mlx.lab.defaults import view_overrides
 
 
 def lab_examples(n=32, k_min=1, k_max=3, seed=0):

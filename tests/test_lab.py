@@ -81,11 +81,26 @@ def test_examples_lab_yaml_is_the_default_run(tmp_path):
 
     from aropd_mlx.cli.train import _lab_paths
     from aropd_mlx.config import load_config, to_dict
-    from aropd_mlx.lab.defaults import LAB_TRAIN
+    from aropd_mlx.lab.defaults import lab_preset
     from aropd_mlx.lab.setup import Lab
 
     lab = Lab(LabSettings(), tmp_path)
-    default = load_config(base={**LAB_TRAIN, **lab.overrides()})
+    default = load_config(base=lab_preset(lab))
     yaml_path = Path(__file__).parents[1] / "examples" / "configs" / "lab.yaml"
     spelled = _lab_paths(load_config(yaml_path), lab)
     assert to_dict(spelled) == to_dict(default)
+
+
+def test_the_lab_preset_has_one_source():
+    """lab/defaults.py holds the lab's settings and run preset; setup.py only re-exports them."""
+    import inspect
+    import re
+
+    from aropd_mlx.lab import defaults, setup
+
+    assert setup.LabSettings is defaults.LabSettings
+    assert setup.view_overrides is defaults.view_overrides
+    source = inspect.getsource(setup)
+    for key in ("max_prompt_tokens", "max_new_tokens", "rollout.", "views.privileged_template"):
+        assert key not in source, key
+    assert not re.search(r"\bclass LabSettings\b", source)

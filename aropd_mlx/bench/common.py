@@ -40,7 +40,7 @@ def bench_root() -> Path:
 
 
 def lab_spec():
-    from aropd_mlx.lab.setup import LabSettings
+    from aropd_mlx.lab.defaults import LabSettings
 
     return LabSettings().spec
 
@@ -109,7 +109,7 @@ def lab_examples(n: int, seed: int = 0, k_min: int = 4, k_max: int = 12):
 
 
 def lab_view_overrides() -> dict:
-    from aropd_mlx.lab.setup import LabSettings, view_overrides
+    from aropd_mlx.lab.defaults import LabSettings, view_overrides
 
     return view_overrides(LabSettings().k_max)
 

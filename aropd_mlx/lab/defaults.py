@@ -1,18 +1,59 @@
-"""The lab's run defaults: what `aropd-mlx train` with no arguments runs.
+"""The lab's defaults, all in one place: what `aropd-mlx train` with no arguments runs.
 
-A preset sits between the dataclass defaults and the user's YAML/flags (which still win).
+- `LabSettings`: the lab itself (task sizes, the tiny model, its warm start); each distinct
+  setting is built once and cached by `setup.prepare_lab`.
+- `view_overrides`: the lab's view templates (also used by the warm start and the benches).
+- `LAB_TRAIN` and `lab_overrides`: the run preset, which sits between the dataclass defaults and
+  the user's YAML/flags (which still win). examples/configs/lab.yaml spells out the same run
+  (a test holds them equal).
 Numbers come from LAB.md's prototype, re-measured on 2 cores: see README "The built-in lab".
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import asdict, dataclass, field
 
+from aropd_mlx import __version__
 from aropd_mlx.errors import UserError
-from aropd_mlx.lab.setup import Lab, LabSettings
 from aropd_mlx.lab.tiny import TinySpec
 
-LAB_TRAIN = {
+
+@dataclass(frozen=True)
+class LabSettings:
+    seed: int = 0
+    k_min: int = 1  # operations per problem (the length dial)
+    k_max: int = 8
+    n_train: int = 20000  # problems in the prompt pool (warm start and distillation)
+    eval_ks: tuple[int, ...] = (2, 4, 6, 8)
+    n_eval_per_k: int = 64
+    spec: TinySpec = field(default_factory=lambda: TinySpec(
+        hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512))
+    warm_steps: int = 1000
+    warm_batch: int = 32
+    warm_lr: float = 3e-3
+    warm_view_mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": __version__, **asdict(self)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def view_overrides(k_max: int) -> dict:
+    """The lab's views: the reference is padded to k_max lines so that reference line i sits at
+    a fixed distance from response line i, which a tiny model can learn to align (LAB.md)."""
+    return {
+        "views.student_template": "{question}",
+        "views.privileged_template": "{question}\n{reference}\nA:{answer}",
+        "views.response_template": "{solution}\nA:{answer}",
+        "views.pad_reference_lines": k_max,
+        "views.pad_line": ".....",
+        "views.use_chat_template": True,
+    }
+
+
+LAB_TRAIN = {  # the run's settings that do not depend on the lab's build
     "train.method": "ar-opd",
     "train.steps": 100,
     "train.batch_size": 8,
@@ -24,6 +65,26 @@ LAB_TRAIN = {
     "model.lora_scale": 20.0,
     "out": "runs/lab",
 }
+LAB_MAX_PROMPT_TOKENS = 512
+
+
+def lab_max_new_tokens(k_max: int) -> int:
+    """Room for k_max steps of at most 6 tokens each plus the answer line."""
+    return 6 * k_max + 8
+
+
+def lab_overrides(lab) -> dict:
+    """The settings tied to a built lab (a `setup.Lab`): its model and data paths, the lengths
+    its task needs, its views."""
+    k_max = lab.settings.k_max
+    return {"model.path": str(lab.model_path), "data.train": str(lab.train_path),
+            "data.eval": str(lab.eval_path), "data.max_prompt_tokens": LAB_MAX_PROMPT_TOKENS,
+            "rollout.max_new_tokens": lab_max_new_tokens(k_max), **view_overrides(k_max)}
+
+
+def lab_preset(lab, cfg=None) -> dict:
+    """The whole preset of a lab run (dotted keys, below the user's YAML and flags)."""
+    return {**LAB_TRAIN, **lab_overrides(lab)}
 
 
 def lab_settings_for(cfg=None) -> LabSettings:
@@ -44,7 +105,3 @@ def lab_settings_for(cfg=None) -> LabSettings:
         return LabSettings(**values)
     except (ValueError, TypeError) as e:
         raise UserError(f"AROPD_MLX_LAB: {e}") from None
-
-
-def lab_preset(lab: Lab, cfg) -> dict:
-    return {**LAB_TRAIN, **lab.overrides()}

@@ -1,9 +1,9 @@
 """The built-in lab: task data, views, the warm-started tiny self-teacher, cached on disk.
 
-`aropd-mlx train` with no arguments runs on this. The model is a tiny llama trained from
-scratch with the project's own `sft` method on a mix of student / partial / full views, so
-that (a) from the student view it solves the task imperfectly, worse on long instances, and
-(b) given the privileged views it uses them (LAB.md). Everything is deterministic from a seed
+`aropd-mlx train` with no arguments runs on this (its settings and run preset: defaults.py).
+The model is a tiny llama trained from scratch with the project's own `sft` method on a mix of
+student / partial / full views, so that (a) from the student view it solves the task
+imperfectly, worse on long instances, and (b) given the privileged views it uses them (LAB.md). Everything is deterministic from a seed
 and cached under ~/.cache/aropd-mlx/lab/ (override with AROPD_MLX_CACHE).
 
     lab = prepare_lab(LabSettings())          # builds once (a few minutes on 2 cores), then reuses
@@ -12,51 +12,17 @@ and cached under ~/.cache/aropd-mlx/lab/ (override with AROPD_MLX_CACHE).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from aropd_mlx import __version__
 from aropd_mlx.data import Example, write_examples
 from aropd_mlx.lab import shipped, task
-from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
-
-
-@dataclass(frozen=True)
-class LabSettings:
-    seed: int = 0
-    k_min: int = 1  # operations per problem (the length dial)
-    k_max: int = 8
-    n_train: int = 20000  # problems in the prompt pool (warm start and distillation)
-    eval_ks: tuple[int, ...] = (2, 4, 6, 8)
-    n_eval_per_k: int = 64
-    spec: TinySpec = field(default_factory=lambda: TinySpec(
-        hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512))
-    warm_steps: int = 1000
-    warm_batch: int = 32
-    warm_lr: float = 3e-3
-    warm_view_mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
-
-    def key(self) -> str:
-        blob = json.dumps({"v": __version__, **asdict(self)}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def view_overrides(k_max: int) -> dict:
-    """The lab's views: the reference is padded to k_max lines so that reference line i sits at
-    a fixed distance from response line i, which a tiny model can learn to align (LAB.md)."""
-    return {
-        "views.student_template": "{question}",
-        "views.privileged_template": "{question}\n{reference}\nA:{answer}",
-        "views.response_template": "{solution}\nA:{answer}",
-        "views.pad_reference_lines": k_max,
-        "views.pad_line": ".....",
-        "views.use_chat_template": True,
-    }
+from aropd_mlx.lab.defaults import LabSettings, lab_overrides, view_overrides  # noqa: F401 - API
+from aropd_mlx.lab.tiny import build_tiny_model
 
 
 def cache_root() -> Path:
@@ -81,11 +47,8 @@ class Lab:
         return self.root / "eval.jsonl"
 
     def overrides(self) -> dict:
-        """Config defaults of a lab run (a user's YAML and flags still win)."""
-        return {"model.path": str(self.model_path), "data.train": str(self.train_path),
-                "data.eval": str(self.eval_path), "data.max_prompt_tokens": 512,
-                "rollout.max_new_tokens": 6 * self.settings.k_max + 8,
-                **view_overrides(self.settings.k_max)}
+        """Config defaults of a lab run tied to this lab (paths, lengths, views): see defaults.py."""
+        return lab_overrides(self)
 
 
 def checker(example, response: str) -> dict:

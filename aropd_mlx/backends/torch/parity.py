@@ -90,7 +90,7 @@ def lab_examples(n: int, seed: int, k_max: int = 4):
     """Lab-style problems and the lab's view settings (short: k in 2..k_max)."""
     from aropd_mlx.data import Example
     from aropd_mlx.lab import task
-    from aropd_mlx.lab.setup import view_overrides
+    from aropd_mlx.lab.defaults import view_overrides
     from aropd_mlx.views import ViewSettings
 
     views = ViewSettings(**{k.split(".", 1)[1]: v for k, v in view_overrides(k_max).items()})

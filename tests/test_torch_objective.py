@@ -167,3 +167,18 @@ def test_property_target_and_jsd_parity(v, scale, alpha, lam, seed):
     tj = tobj.generalized_jsd(torch.tensor(z), tt, alpha)
     mj = mobj.generalized_jsd(mx.array(z), mt, alpha)
     agree(tj, mj, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+def test_the_mirror_uses_the_mlx_names():
+    """One name per idea, torch mirror included (DESIGN.md): every function, class and constant
+    of the mirror has its namesake in aropd_mlx.objective (the MLX side adds only settings)."""
+    import inspect
+
+    def names(module):
+        return {n for n, v in vars(module).items() if not n.startswith("__") and (
+            (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ == module.__name__
+            or n.lstrip("_").isupper())}
+
+    mirror, mlx_side = names(tobj), names(mobj)
+    assert mirror <= mlx_side, sorted(mirror - mlx_side)
+    assert mlx_side - mirror <= {"ObjectiveSettings", "LOSS_TYPES", "REDUCTIONS", "_is_int"}

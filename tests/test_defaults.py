@@ -38,7 +38,9 @@ def test_read_json_is_the_one_reader(tmp_path):
     from aropd_mlx import compare, diagnostics, report
     from aropd_mlx.backends.torch import model
 
-    for module in (compare, diagnostics, report, model):
+    from aropd_mlx.lab import shipped
+
+    for module in (compare, diagnostics, report, model, shipped):
         assert module.read_json is read_json, module.__name__
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"a": 1}))

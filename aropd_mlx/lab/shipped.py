@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.jsonio import read_json
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "lab.json"
@@ -44,10 +45,7 @@ def sha256(path: Path) -> str:
 
 def manifest(folder: Path | None = None) -> dict | None:
     folder = _at(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    return read_json(folder / MANIFEST, missing=None)
 
 
 def verify(folder: Path | None = None) -> dict:

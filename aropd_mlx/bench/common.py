@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aropd_mlx.jsonio import read_json
+
 MODELS = ("lab", "56m")
 BENCH_VOCAB_56M = 32000
 
@@ -56,14 +58,14 @@ def _pad_vocab(path: Path, vocab_size: int, seed: int) -> None:
     """Grow a tiny char model's tokenizer and embedding tables to `vocab_size` entries."""
     from safetensors.numpy import load_file, save_file
 
-    tok = json.loads((path / "tokenizer.json").read_text())
+    tok = read_json(path / "tokenizer.json")
     vocab = tok["model"]["vocab"]
     taken = set(vocab.values()) | {a["id"] for a in tok.get("added_tokens", [])}
     nxt = max(taken) + 1
     for i in range(nxt, vocab_size):
         vocab[f"<extra_{i}>"] = i  # unreachable by the char BPE: pure padding of the table
     (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")
     cfg["vocab_size"] = vocab_size
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     weights = load_file(str(path / "model.safetensors"))

@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.jsonio import read_json
 from aropd_mlx.head import OutputHead, head_from_model
 
 
@@ -42,6 +43,9 @@ class ModelSettings:
     lora_layers: int = -1  # how many of the last layers get adapters (-1: all)
     lora_keys: tuple[str, ...] | None = None  # None: mlx-lm's default (every Linear in a layer)
     teacher: str = "frozen"  # frozen | ema | PATH
+    # EMA teacher: every step teacher <- (1 - m) teacher + m student, over the trainable
+    # arrays; with LoRA that averages A and B separately (delta EMA(B)·EMA(A), not the paper's
+    # EMA of the full weights; docs/METHOD.md)
     ema_mixup: float = 0.01
     trust_remote_code: bool = False
     adapter: str | None = None  # start from these adapters (a run directory or adapter dir)
@@ -63,18 +67,6 @@ class ModelSettings:
         return params
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"malformed JSON ({e.msg})", where=f"{path}:{e.lineno}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"unreadable ({e})", where=str(path)) from None
-    if not isinstance(data, dict):
-        raise UserError("expected a JSON object", where=str(path))
-    return data
-
-
 def check_local_model(path: Path, trust_remote_code: bool) -> None:
     """What mlx-lm would fail on obscurely, said plainly: no config, an architecture it does not
     implement, tokenizer code from the repository (refused without --trust-remote-code)."""
@@ -82,7 +74,7 @@ def check_local_model(path: Path, trust_remote_code: bool) -> None:
 
     if not (path / "config.json").is_file():
         raise UserError(f"model path {path}: no config.json there (not a model directory)")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     if "model_type" not in config:
         raise UserError("missing field 'model_type'", where=f"{path / 'config.json'}")
     try:
@@ -93,7 +85,7 @@ def check_local_model(path: Path, trust_remote_code: bool) -> None:
                         f"mlx-lm implements{custom}; --trust-remote-code cannot help, mlx-lm runs "
                         "only its own architectures") from None
     tok_cfg = path / "tokenizer_config.json"
-    if not trust_remote_code and tok_cfg.is_file() and "auto_map" in _read_json(tok_cfg):
+    if not trust_remote_code and tok_cfg.is_file() and "auto_map" in read_json(tok_cfg):
         raise UserError(f"model {path}: its tokenizer runs custom code from the model directory "
                         f"(auto_map in {tok_cfg.name}); pass --trust-remote-code if you trust it")
 
@@ -186,7 +178,7 @@ class Teacher:
     mode: str
     params: dict[str, mx.array] = field(default_factory=dict)
     model: nn.Module | None = None
-    mixup: float = 0.01
+    mixup: float = ModelSettings.ema_mixup
 
     @classmethod
     def create(cls, model, tokenizer, settings: ModelSettings) -> "Teacher":

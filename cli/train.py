@@ -104,27 +104,6 @@ def _eval(model, tokenizer, cfg, examples, lab) -> dict:
     return res.summary()
 
 
-def summary_rows(before: dict | None, after: dict, compare: bool = True) -> list[dict]:
-    """One row per group (overall, then by k or by length): before -> after, or (compare=False,
-    `eval`) the one result."""
-    keys = [k for k in ("accuracy", "all_steps_correct_rate", "shortcut_rate") if k in after]
-    groups = [("all", after, before)]
-    group_key = "by_k" if "by_k" in after else "by_length"
-    for g, row in after.get(group_key, {}).items():
-        groups.append((f"k={g}" if group_key == "by_k" else g, row,
-                       (before or {}).get(group_key, {}).get(g)))
-    rows = []
-    for name, a, b in groups:
-        r = {"group": name, "n": a["n"]}
-        for k in keys:
-            short = {"accuracy": "acc", "all_steps_correct_rate": "all-steps", "shortcut_rate": "shortcut"}[k]
-            if compare:
-                r[f"{short} before"] = None if b is None else b.get(k)
-            r[f"{short} after" if compare else short] = a.get(k)
-        rows.append(r)
-    return rows
-
-
 @handles_errors
 def train_command(
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML run config."),
@@ -151,6 +130,7 @@ def train_command(
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
     from aropd_mlx.data import load_examples
     from aropd_mlx.checkpoint import check_run_dir
+    from aropd_mlx.evaluate import summary_rows
     from aropd_mlx.models import Teacher, check_supported, load_student
     from aropd_mlx.trainer import train
 
@@ -183,7 +163,7 @@ def train_command(
     if eval_examples and not no_eval:
         after = _eval(student, tokenizer, cfg, eval_examples, lab)
         summary.update(eval_before=before, eval_after=after)
-        typer.echo("\n" + table(summary_rows(before, after)))
+        typer.echo("\n" + table(summary_rows(after, before)))
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"\n{summary['steps_done']} steps in {summary['train_seconds']:.0f}s "
                f"(final loss {summary['final_loss'] or float('nan'):.4f}); adapters in {cfg.out}")
@@ -222,7 +202,7 @@ def eval_command(
     """Evaluate a model (plus adapters) on held-out problems."""
     from aropd_mlx.config import load_config
     from aropd_mlx.data import load_examples
-    from aropd_mlx.evaluate import answer_checker, evaluate
+    from aropd_mlx.evaluate import answer_checker, evaluate, summary_rows
     from aropd_mlx.models import ModelSettings, load_student
 
     cfg, lab = resolve_config(None, {"model": model, "data": data}, resume=False)
@@ -244,6 +224,6 @@ def eval_command(
     result = evaluate(student, tokenizer, examples, views, checker=checker, k=k,
                       temperature=temperature, max_new_tokens=max_new_tokens)
     s = result.summary()
-    typer.echo(table(summary_rows(None, s, compare=False)))
+    typer.echo(table(summary_rows(s)))
     if json_out:
         json_out.write_text(json.dumps({"summary": s, "records": result.records}, indent=2))

@@ -2,7 +2,9 @@
 
     aropd-mlx train                                  # the built-in lab, end to end, offline
     aropd-mlx train -c examples/configs/qwen.yaml --lam 0.6 --steps 200 --out runs/qwen
-    aropd-mlx train --out runs/qwen --resume         # continue an interrupted run
+    aropd-mlx train --out runs/qwen --resume         # continue an interrupted run (or: the same
+                                                     #  command plus --resume)
+    aropd-mlx train ... --out runs/qwen --overwrite  # replace the run in runs/qwen
 """
 from __future__ import annotations
 
@@ -93,13 +95,21 @@ def _build_progress():
     return on_step
 
 
-def _eval(model, tokenizer, cfg, examples, lab) -> dict:
-    from aropd_mlx.evaluate import answer_checker, evaluate
-
-    checker = answer_checker
+def _checker(lab):
+    """The lab's checker for a lab run (all-steps-correct, shortcuts, by k), else the generic one."""
     if lab is not None:
         from aropd_mlx.lab.setup import checker
-    res = evaluate(model, tokenizer, examples, cfg.views, checker=checker,
+
+        return checker
+    from aropd_mlx.evaluate import answer_checker
+
+    return answer_checker
+
+
+def _eval(model, tokenizer, cfg, examples, lab) -> dict:
+    from aropd_mlx.evaluate import evaluate
+
+    res = evaluate(model, tokenizer, examples, cfg.views, checker=_checker(lab),
                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed)
     return res.summary()
 
@@ -112,8 +122,14 @@ def train_command(
     method: Optional[str] = typer.Option(None, help="sft | opd | partial-opd | full-opd | ar-opd"),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    out: Optional[str] = typer.Option(None, help="Run directory."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out to its planned end."),
+    out: Optional[str] = typer.Option(None, help="Run directory (one run each; see --resume, --overwrite)."),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue the interrupted run in --out from its last checkpoint to its planned end. "
+        "`--out DIR --resume` is enough; the original command plus --resume works too: every "
+        "value it sets must equal the saved config's (only --steps may change).")),
+    overwrite: bool = typer.Option(False, "--overwrite", help=(
+        "Replace the run already in --out. The old run stays whole until the new one has "
+        "written its first checkpoint, then the new run takes its place.")),
     lam: Optional[float] = typer.Option(None, help="Residual weight lambda (0: Partial OPD)."),
     clip: Optional[str] = typer.Option(None, help="Residual clip c, or 'none'."),
     alpha: Optional[float] = typer.Option(None, help="Divergence: 0 forward KL, 1 reverse KL, else JSD."),
@@ -127,19 +143,28 @@ def train_command(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
 ):
-    """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
-    from aropd_mlx.data import load_examples
+    """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end.
+
+    A run directory (--out) holds one run. A new run into a directory that already holds one is
+    refused: --resume continues it, --overwrite replaces it. A run locks its directory while it
+    runs, so a second run on the same --out fails at once."""
     from aropd_mlx.checkpoint import check_run_dir
+    from aropd_mlx.data import load_examples
     from aropd_mlx.evaluate import summary_rows
     from aropd_mlx.models import Teacher, check_supported, load_student
+    from aropd_mlx.rundir import RunDir, check_run_start
     from aropd_mlx.trainer import train
 
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: "
+                        "give one of them")
     flags = dict(model=model, data=data, method=method, steps=steps, save_every=save_every,
                  out=out, lam=lam, clip=_clip_value(clip), alpha=alpha, teacher=teacher, seed=seed,
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
+    check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples = load_examples(cfg.data.train, need=need)
@@ -150,21 +175,26 @@ def train_command(
     from aropd_mlx.distributed import init
 
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
-        train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume)
+        train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)
         return
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
-    before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
-    from .progress import StepProgress
+    # The lock is taken when training writes its first file, and held to the end; files for
+    # the run directory wait in `run.files` (written into the new run, never an old one).
+    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+        before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
+        if before is not None and not resume:
+            run.files["eval_before.json"] = json.dumps(before, indent=2)
+        from .progress import StepProgress
 
-    with StepProgress(cfg.train.steps, resume=resume) as progress:
-        summary = train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume,
-                        on_step=progress.update)
-    if eval_examples and not no_eval:
-        after = _eval(student, tokenizer, cfg, eval_examples, lab)
-        summary.update(eval_before=before, eval_after=after)
-        typer.echo("\n" + table(summary_rows(after, before)))
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        with StepProgress(cfg.train.steps, resume=resume) as progress:
+            summary = train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume,
+                            on_step=progress.update, run=run)
+        if eval_examples and not no_eval:
+            after = _eval(student, tokenizer, cfg, eval_examples, lab)
+            summary.update(eval_before=before, eval_after=after)
+            typer.echo("\n" + table(summary_rows(after, before)))
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"\n{summary['steps_done']} steps in {summary['train_seconds']:.0f}s "
                f"(final loss {summary['final_loss'] or float('nan'):.4f}); adapters in {cfg.out}")
     if summary.get("skipped_prompts") or summary.get("skipped_updates"):
@@ -174,19 +204,14 @@ def train_command(
 
 
 def _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval: bool, resume: bool):
-    """Evaluate before training (kept in the run dir, so a resumed run still shows it)."""
-    from aropd_mlx.checkpoint import prepare_run_dir
-
+    """Evaluate before training (a resumed run reads the one its first start made)."""
     path = Path(cfg.out) / "eval_before.json"
     if resume:
         return json.loads(path.read_text()) if path.is_file() else None
     if not eval_examples or no_eval:
         return None
     typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)
-    before = _eval(student, tokenizer, cfg, eval_examples, lab)
-    prepare_run_dir(cfg.out)
-    path.write_text(json.dumps(before, indent=2))
-    return before
+    return _eval(student, tokenizer, cfg, eval_examples, lab)
 
 
 @handles_errors

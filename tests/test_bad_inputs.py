@@ -216,6 +216,7 @@ def test_flag_of_the_wrong_type_is_a_usage_error(ws):
 def test_resume_contradictions(ws):
     one_error(cli("--resume"), "--resume needs --out")
     one_error(cli("--resume", "--out", ws["out"]), "--resume", "config.yaml not found", out=ws["out"])
+    one_error(cli(*ws["base"], "--resume", "--overwrite"), "give one of them", out=ws["out"])
     assert cli(*ws["base"]).exit_code == 0
     one_error(cli("--resume", "--out", ws["out"], "--lam", "0.3"), "only --steps may change",
               "objective.lam")

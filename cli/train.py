@@ -5,6 +5,7 @@
     aropd-mlx train --out runs/qwen --resume         # continue an interrupted run (or: the same
                                                      #  command plus --resume)
     aropd-mlx train ... --out runs/qwen --overwrite  # replace the run in runs/qwen
+    aropd-mlx eval --adapter runs/qwen --data held_out.jsonl
 """
 from __future__ import annotations
 
@@ -41,35 +42,107 @@ def _clip_value(clip: Optional[str]):
 
 
 def resolve_config(config: Optional[Path], flags: dict, resume: bool):
-    """Flags > YAML > lab preset (when model or data is 'lab') > defaults; or the saved config."""
+    """Flags > YAML > lab preset (when model or data is 'lab') > defaults; or, with `resume`,
+    the saved config (the command's own values must equal it; only the steps may change)."""
     from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.setup import prepare_lab
 
     overrides = {FLAG_KEYS[k]: v for k, v in flags.items() if v is not None and k in FLAG_KEYS}
     if flags.get("clip") is not None:
         overrides["objective.clip"] = None if flags["clip"] == "none" else flags["clip"]
     if resume:
-        out = overrides.get("out")
-        if not out:
-            raise UserError("--resume needs --out DIR (the run to continue)")
-        saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} not found (no run to continue there)")
-        extra = sorted(k for k in overrides if k not in ("out", "train.steps"))
-        if extra or config is not None:
-            raise UserError("--resume continues the saved config; only --steps may change "
-                            f"(got {', '.join(extra) or '--config'})")
-        return load_config(saved, overrides=overrides, flag_names=FLAG_NAMES), None
-    preset, lab = {}, None
+        return _resume_config(config, overrides)
     cfg = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
-    if cfg.model.path == "lab" or cfg.data.train == "lab":
-        from aropd_mlx.lab.defaults import lab_preset, lab_settings_for
-        from aropd_mlx.lab.setup import prepare_lab
+    if not _wants_lab(cfg):
+        return cfg, None
+    lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
+    return _with_lab(config, overrides, cfg, lab), lab
 
-        lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
-        preset = lab_preset(lab, cfg)
-        cfg = load_config(config, overrides=overrides, base=preset, flag_names=FLAG_NAMES)
-        cfg = _lab_paths(cfg, lab)
-    return cfg, lab
+
+def _wants_lab(cfg) -> bool:
+    return cfg.model.path == "lab" or cfg.data.train == "lab"
+
+
+def _with_lab(config, overrides: dict, cfg, lab):
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_preset
+
+    cfg = load_config(config, overrides=overrides, base=lab_preset(lab, cfg), flag_names=FLAG_NAMES)
+    return _lab_paths(cfg, lab)
+
+
+PATH_KEYS = ("model.path", "model.teacher", "model.adapter", "data.train", "data.eval")
+
+
+def _resume_config(config: Optional[Path], overrides: dict):
+    """The saved config of the run the command names, if every value the command sets (flags,
+    -c YAML) equals the saved one once resolved as the first run resolved it; else one line
+    naming each difference. Only the steps may change."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import find_lab, lab_at, lab_settings_for
+
+    fresh = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
+    if _wants_lab(fresh):  # the lab's paths and preset, as the first run had them (nothing built)
+        fresh = _with_lab(config, overrides, fresh, lab_at(lab_settings_for(fresh)))
+    run_dir = Path(fresh.out).expanduser()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {saved_path} not found (no run to continue there; "
+                        "--out names the run)")
+    saved = load_config(saved_path)
+    given = set(overrides) | _yaml_keys(config)
+    differ = []
+    for key in sorted(given - {"out", "train.steps"}):
+        old, new = _value(saved, key), _value(fresh, key)
+        if not _same(key, old, new):
+            flag = f" ({FLAG_NAMES[key]})" if key in FLAG_NAMES and key in overrides else ""
+            differ.append(f"{key}{flag}: saved {old!r}, given {new!r}")
+    if differ:
+        raise UserError(f"--resume continues the run saved in {saved_path}; only --steps may "
+                        f"change, and this command differs: {'; '.join(differ)} (to start over "
+                        "instead: --overwrite)")
+    keep = {"out": fresh.out}
+    if "train.steps" in given:
+        keep["train.steps"] = fresh.train.steps
+    cfg = load_config(saved_path, overrides=keep)
+    return cfg, find_lab(run_dir, cfg, on_step=_build_progress())
+
+
+def _yaml_keys(config: Optional[Path]) -> set[str]:
+    """The dotted keys a YAML config file sets (already validated by load_config)."""
+    import yaml
+
+    if config is None:
+        return set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    return set(walk(yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}, ""))
+
+
+def _value(cfg, key: str):
+    from dataclasses import is_dataclass
+
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return None if is_dataclass(cfg) else cfg  # an empty YAML section sets nothing
+
+
+def _same(key: str, old, new) -> bool:
+    """Equal values; paths also when they name the same file from here ('d.jsonl', './d.jsonl',
+    an absolute path)."""
+    if old == new:
+        return True
+    if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and \
+            "://" not in old + new:
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    return False
 
 
 def _lab_paths(cfg, lab):
@@ -179,9 +252,13 @@ def train_command(
         return
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
+    from aropd_mlx.lab.defaults import lab_record
+
     # The lock is taken when training writes its first file, and held to the end; files for
     # the run directory wait in `run.files` (written into the new run, never an old one).
     with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+        if lab is not None and not resume:
+            run.files["lab.json"] = lab_record(lab)  # a resumed run, `eval`: the lab's checker
         before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
         if before is not None and not resume:
             run.files["eval_before.json"] = json.dumps(before, indent=2)
@@ -216,39 +293,73 @@ def _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval: bool, res
 
 @handles_errors
 def eval_command(
-    model: str = typer.Option("lab", help="Hub id or local path ('lab': the built-in lab model)."),
-    adapter: Optional[Path] = typer.Option(None, help="Run or adapter directory to load."),
-    data: Optional[str] = typer.Option(None, help="JSONL with question and answer (lab: its held-out set)."),
+    model: Optional[str] = typer.Option(None, help=(
+        "Hub id or local path of the base model. Default: the one saved in the --adapter run's "
+        "config.yaml; without --adapter, the lab model ('lab').")),
+    adapter: Optional[Path] = typer.Option(None, help=(
+        "A run directory (its config.yaml gives the base model, model settings and views) or "
+        "an adapter directory (then --model is needed).")),
+    data: Optional[str] = typer.Option(None, help=(
+        "JSONL with question and answer. Default: the run's data.eval (the lab's held-out set "
+        "for lab runs).")),
     k: int = typer.Option(1, help="Samples per problem (avg@k, pass@k)."),
     temperature: float = typer.Option(0.0, help="0: greedy."),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: Optional[int] = typer.Option(None, help=(
+        "Response length limit. Default: the run's rollout.max_new_tokens (256 without a run).")),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result here."),
 ):
     """Evaluate a model (plus adapters) on held-out problems."""
-    from aropd_mlx.config import load_config
-    from aropd_mlx.data import load_examples
-    from aropd_mlx.evaluate import answer_checker, evaluate, summary_rows
-    from aropd_mlx.models import ModelSettings, load_student
-
-    cfg, lab = resolve_config(None, {"model": model, "data": data}, resume=False)
-    if adapter is not None and (adapter / "config.yaml").is_file():
-        saved = load_config(adapter / "config.yaml")
-        settings = saved.model
-        views = saved.views
-    else:
-        settings, views = cfg.model, cfg.views
     from dataclasses import replace
 
-    settings = replace(settings, path=cfg.model.path if model == "lab" else model,
-                       adapter=str(adapter) if adapter else None)
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.evaluate import evaluate, summary_rows
+    from aropd_mlx.models import load_student
+
+    run, lab = _eval_run(model, adapter)
+    path = run.model.path
+    if model == "lab" or (model is None and path == "lab"):
+        from aropd_mlx.lab.defaults import lab_settings_for
+        from aropd_mlx.lab.setup import prepare_lab
+
+        lab = lab or prepare_lab(lab_settings_for(), on_step=_build_progress())
+        path = str(lab.model_path)
+    elif model is not None:
+        path = model
+    settings = replace(run.model, path=path, adapter=str(adapter) if adapter else None)
+    if data is None:
+        data = run.data.eval or (str(lab.eval_path) if lab is not None else None)
+        if data is None:
+            where = f" ({adapter / 'config.yaml'} has no data.eval)" if adapter else ""
+            raise UserError(f"eval: no held-out data: give --data FILE, a JSONL with question "
+                            f"and answer{where}")
+        source = f"data.eval of {adapter / 'config.yaml'}" if adapter else "the lab's held-out set"
+        typer.echo(f"no --data: evaluating on {data} ({source})", err=True)
     student, tokenizer = load_student(settings)
-    examples = load_examples(data or cfg.data.eval or cfg.data.train, need=("question", "answer"))
-    checker = answer_checker
-    if lab is not None:
-        from aropd_mlx.lab.setup import checker
-    result = evaluate(student, tokenizer, examples, views, checker=checker, k=k,
-                      temperature=temperature, max_new_tokens=max_new_tokens)
+    examples = load_examples(data, need=("question", "answer"))
+    result = evaluate(student, tokenizer, examples, run.views, checker=_checker(lab), k=k,
+                      temperature=temperature,
+                      max_new_tokens=max_new_tokens or run.rollout.max_new_tokens)
     s = result.summary()
     typer.echo(table(summary_rows(s)))
     if json_out:
         json_out.write_text(json.dumps({"summary": s, "records": result.records}, indent=2))
+
+
+def _eval_run(model: Optional[str], adapter: Optional[Path]):
+    """The config `eval` starts from and the lab (None: generic data): the adapter run's saved
+    config; else the lab's, for the lab model; else the defaults."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import find_lab
+
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise UserError(f"--adapter {adapter}: not a directory")
+        if (adapter / "config.yaml").is_file():
+            saved = load_config(adapter / "config.yaml")
+            return saved, find_lab(adapter, saved, on_step=_build_progress())
+        if model is None:
+            raise UserError(f"--adapter {adapter} has no config.yaml naming its base model: "
+                            "give --model")
+    if model in (None, "lab"):
+        return resolve_config(None, {"model": "lab"}, resume=False)
+    return load_config(overrides={"model.path": model}), None

@@ -1,5 +1,6 @@
-"""The run directory: no silent overwrite, one run at a time (a lock), `--overwrite` that keeps
-the old run whole until the new one's first checkpoint. The CLI runs in-process (CliRunner)."""
+"""The run directory: `--resume` on the command a user ran, no silent overwrite, one run at a
+time (a lock), `--overwrite` that keeps the old run whole until the new one's first checkpoint,
+and `eval --adapter RUN` from the run's saved config. The CLI runs in-process (CliRunner)."""
 import fcntl
 import json
 import os
@@ -12,6 +13,10 @@ from typer.testing import CliRunner
 from aropd_mlx.cli.main import app
 from aropd_mlx.errors import UserError
 
+# A tiny lab, should anything try to build one (the CLI's eval did, for any --adapter).
+TINY_LAB = {"n_train": 16, "k_max": 2, "eval_ks": [2], "n_eval_per_k": 2, "warm_steps": 1,
+            "warm_batch": 4, "spec": {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1,
+                                      "intermediate": 32, "max_position": 128}}
 ROWS = [{"id": f"g{i}", "question": f"Q:{i}+1", "solution": f"{i}+1={i + 1}", "answer": str(i + 1)}
         for i in range(8)]
 
@@ -71,6 +76,31 @@ def snapshot(run: Path) -> dict:
 
 def steps_in(run: Path) -> list[int]:
     return [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------ 3: resume
+def test_the_same_command_plus_resume_continues_the_run(ws):
+    """Flag and YAML values equal to the saved ones are accepted, paths as the first run
+    resolved them (relative then absolute), numbers however spelled; --steps may change."""
+    (ws["tmp"] / "run.yaml").write_text("objective:\n  lam: 0.6\nrollout:\n  temperature: 0.7\n")
+    first = [a if a != ws["tmp"] / "good.jsonl" else "good.jsonl" for a in ws["base"]]
+    ok(train("-c", "run.yaml", *first, "--lr", "1e-4", "--clip", "none"))
+    again = ["-c", ws["tmp"] / "run.yaml", *with_steps(ws["base"], 3), "--lr", "0.0001",
+             "--clip", "none", "--resume"]
+    ok(train(*again))
+    assert steps_in(ws["out"]) == [1, 2, 3]
+    assert json.loads((ws["out"] / "summary.json").read_text())["steps_done"] == 3
+
+
+def test_resume_refuses_only_values_that_differ_and_names_them(ws):
+    ok(train(*ws["base"]))
+    before = snapshot(ws["out"])
+    (ws["tmp"] / "run.yaml").write_text("rollout:\n  temperature: 0.5\n")
+    line = one_error(train("-c", "run.yaml", *ws["base"], "--lam", "0.3", "--resume"),
+                     "only --steps may change", "objective.lam (--lam): saved 0.8, given 0.3",
+                     "rollout.temperature: saved 1.0, given 0.5", "--overwrite")
+    assert "data.train" not in line and "model.path" not in line  # equal: not named
+    assert snapshot(ws["out"]) == before
 
 
 # ------------------------------------------------------- 4: existing runs, lock, overwrite
@@ -183,3 +213,31 @@ def test_overwrite_refuses_a_directory_with_other_files(ws):
     before = snapshot(ws["out"])
     one_error(train(*ws["base"], "--overwrite"), "notes.txt", "another --out")
     assert snapshot(ws["out"]) == before
+
+
+# ------------------------------------------------------------------- 6: eval --adapter RUN
+def test_eval_takes_the_base_model_and_views_from_the_run(ws, monkeypatch):
+    monkeypatch.setenv("AROPD_MLX_CACHE", str(ws["tmp"] / "cache"))  # the lab is never built
+    monkeypatch.setenv("AROPD_MLX_LAB", json.dumps(TINY_LAB))
+    ok(train(*ws["base"], "--eval-data", "heldout.jsonl"))
+    result = ok(cli("eval", "--adapter", ws["out"], "--data", ws["tmp"] / "good.jsonl",
+                    "--json", ws["tmp"] / "e.json"))
+    assert "acc" in result.stdout and "len <=256" in result.stdout
+    assert json.loads((ws["tmp"] / "e.json").read_text())["summary"]["n"] == 8
+    # no --data: the run's data.eval, said so
+    result = ok(cli("eval", "--adapter", ws["out"], "--json", ws["tmp"] / "e.json"))
+    assert "heldout.jsonl" in result.stderr and "data.eval" in result.stderr
+    assert json.loads((ws["tmp"] / "e.json").read_text())["summary"]["n"] == 3
+    assert not (ws["tmp"] / "cache").exists()
+
+
+def test_eval_without_held_out_data_is_one_line(ws, monkeypatch):
+    monkeypatch.setenv("AROPD_MLX_CACHE", str(ws["tmp"] / "cache"))
+    monkeypatch.setenv("AROPD_MLX_LAB", json.dumps(TINY_LAB))
+    ok(train(*ws["base"]))
+    one_error(cli("eval", "--adapter", ws["out"]), "--data", "no data.eval")
+    one_error(cli("eval", "--model", ws["model"]), "--data")
+    bare = ws["tmp"] / "bare"
+    bare.mkdir()
+    one_error(cli("eval", "--adapter", bare), "no config.yaml", "--model")
+    assert not (ws["tmp"] / "cache").exists()

@@ -7,7 +7,8 @@ optimizer state, the teacher snapshot (EMA) and `state.json`, all as safetensors
 one that `latest` would pick up. Leftover temporary folders are swept on the next start.
 
     check_run_dir("runs/x")          # before any work: can we write there? (creates nothing)
-    prepare_run_dir("runs/x")        # when the run starts: create it
+
+Creating, locking and replacing the run directory itself: `aropd_mlx.rundir`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from aropd_mlx.errors import UserError
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-# What a fresh (not resumed) run replaces in its directory: a previous run's results and
-# checkpoints must never be mixed into, or resumed instead of, the new run.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapters.safetensors", "adapter_config.json",
-               "summary.json", "diagnostics.json")
 
 
 def _why(e: BaseException) -> str:
@@ -59,28 +56,6 @@ def check_run_dir(path: str | Path) -> None:
     except OSError as e:
         raise UserError(f"output directory {path} is not writable ({_why(e)} in {probe}; "
                         "out / --out)") from None
-
-
-def prepare_run_dir(path: str | Path) -> Path:
-    """Create the run directory (and its parents); a UserError if that is impossible."""
-    path = Path(path).expanduser()
-    check_run_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {path}: {_why(e)} (out / --out)") from None
-    check_run_dir(path)
-    return path
-
-
-def start_fresh(run_dir: Path) -> None:
-    """A new run in an old directory: remove the previous run's checkpoints and results."""
-    for name in RUN_OUTPUTS:
-        p = Path(run_dir) / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
 
 
 def _save_arrays(path: Path, arrays: dict) -> None:

@@ -17,6 +17,7 @@ same settings reuses it, so an interrupted compare continues where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -161,6 +162,7 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
         cached = read_json(saved)
         if cached.get("spec") == spec:
             return cached
+    shutil.rmtree(run_dir, ignore_errors=True)  # not reused: made again from scratch
     cfg = load_config(overrides=run_overrides(lab, variant, seed, settings.steps, run_dir,
                                               settings.overrides))
     model, tokenizer = load_student(cfg.model, seed=seed)

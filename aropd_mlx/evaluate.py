@@ -240,14 +240,28 @@ class EvalResult:
         return {str(g): _rates(groups[g]) for g in order}
 
 
-def summary_rows(summary: dict) -> list[dict]:
-    """One row per group (all, then by k when present, then by length) for a table."""
-    keys = [k for k in ("accuracy", "all_steps_correct_rate", "shortcut_rate") if k in summary]
-    rows = [{"group": "all", "n": summary.get("n", 0), **{k: summary.get(k) for k in keys}}]
-    for g, row in summary.get("by_k", {}).items():
-        rows.append({"group": f"k={g}", "n": row["n"], **{k: row.get(k) for k in keys}})
-    for g, row in summary.get("by_length", {}).items():
-        rows.append({"group": f"len {g}", "n": row["n"], **{k: row.get(k) for k in keys}})
+RATE_COLUMNS = {"accuracy": "acc", "all_steps_correct_rate": "all-steps", "shortcut_rate": "shortcut"}
+
+
+def summary_rows(summary: dict, before: dict | None = None) -> list[dict]:
+    """The evaluation table: one row per group (all, then by k when present, then by response
+    length), a column per rate. With `before` (the evaluation before training) each rate has a
+    'before' and an 'after' column. `aropd-mlx train` and `eval` print this table."""
+    keys = [k for k in RATE_COLUMNS if k in summary]
+    groups = [("all", summary, before)]
+    for field_name, label in (("by_k", "k={}"), ("by_length", "len {}")):
+        for g, row in summary.get(field_name, {}).items():
+            groups.append((label.format(g), row, (before or {}).get(field_name, {}).get(g)))
+    rows = []
+    for name, after, prior in groups:
+        row = {"group": name, "n": after.get("n", 0)}
+        for k in keys:
+            if before is None:
+                row[RATE_COLUMNS[k]] = after.get(k)
+            else:
+                row[f"{RATE_COLUMNS[k]} before"] = None if prior is None else prior.get(k)
+                row[f"{RATE_COLUMNS[k]} after"] = after.get(k)
+        rows.append(row)
     return rows
 
 

@@ -42,6 +42,7 @@ from aropd_mlx.models import Teacher, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
 from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
+from aropd_mlx.rundir import RunDir
 from aropd_mlx.scoring import response_hidden, score_views
 
 
@@ -298,14 +299,20 @@ def restore(run_dir: Path, model, optimizer, teacher: Teacher,
 
 def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
           resume: bool = False, on_step: Callable[[dict], None] | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, overwrite: bool = False,
+          run: RunDir | None = None) -> dict:
     """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
 
-    `stop_after`: return after this many steps of this call (tests of interruption).
-    A failed write in the run directory (a full disk) is a one-line UserError."""
+    A directory holding a previous run is refused unless `resume` (continue it) or `overwrite`
+    (replace it, once the new run has its first checkpoint); `run`: a RunDir the caller holds
+    (the CLI: its lock then covers the evaluations around training). `stop_after`: return after
+    this many steps of this call (tests of interruption). A failed write in the run directory
+    (a full disk) is a one-line UserError."""
+    run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
     try:
-        return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
-                      on_step=on_step, stop_after=stop_after)
+        with run:
+            return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
+                          on_step=on_step, stop_after=stop_after, run=run)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -313,7 +320,8 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 
 
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
-           resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None) -> dict:
+           resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
+           run: RunDir) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
     if cfg.train.batch_size < world.size:
@@ -321,15 +329,13 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                         "ranks: each rank needs at least one prompt per step")
     encoder = PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
-    if world.is_main:  # only rank 0 writes in the run directory
-        ckpt.prepare_run_dir(run_dir)
+    if world.is_main:  # only rank 0 writes in the run directory (and holds its lock)
+        run_dir = run.open()  # --overwrite: a staging directory until the first checkpoint
         save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     state = restore(run_dir, model, optimizer, teacher, world) if resume else LoopState()
     tracker = RunDiagnostics.resume(run_dir, state.step) if world.is_main else None
-    if not resume and world.is_main:
-        ckpt.start_fresh(run_dir)  # an older run's checkpoints must never be resumed into this one
     metrics_path, t = run_dir / "metrics.jsonl", cfg.train
     done_here, lines_here = 0, []
     while state.step < t.steps and (stop_after is None or done_here < stop_after):
@@ -358,6 +364,9 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                        "skipped_updates": state.skipped_updates, "world_size": world.size},
                 keep=t.keep_checkpoints)
             tracker.save(state.step)
+            if run.staged:  # --overwrite: the new run has a checkpoint; now it replaces the old
+                run_dir = tracker.run_dir = run.commit()
+                metrics_path = run_dir / "metrics.jsonl"
     if not world.is_main:  # the other ranks write nothing; the same keys, from this call's steps
         last = lines_here[-10:]
         return {"steps_done": state.step, "skipped_updates": state.skipped_updates,

@@ -2,7 +2,10 @@
 
     aropd-mlx train                                  # the built-in lab, end to end, offline
     aropd-mlx train -c examples/configs/qwen.yaml --lam 0.6 --steps 200 --out runs/qwen
-    aropd-mlx train --out runs/qwen --resume         # continue an interrupted run
+    aropd-mlx train --out runs/qwen --resume         # continue an interrupted run (or: the same
+                                                     #  command plus --resume)
+    aropd-mlx train ... --out runs/qwen --overwrite  # replace the run in runs/qwen
+    aropd-mlx eval --adapter runs/qwen --data held_out.jsonl
 """
 from __future__ import annotations
 
@@ -39,35 +42,107 @@ def _clip_value(clip: Optional[str]):
 
 
 def resolve_config(config: Optional[Path], flags: dict, resume: bool):
-    """Flags > YAML > lab preset (when model or data is 'lab') > defaults; or the saved config."""
+    """Flags > YAML > lab preset (when model or data is 'lab') > defaults; or, with `resume`,
+    the saved config (the command's own values must equal it; only the steps may change)."""
     from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.setup import prepare_lab
 
     overrides = {FLAG_KEYS[k]: v for k, v in flags.items() if v is not None and k in FLAG_KEYS}
     if flags.get("clip") is not None:
         overrides["objective.clip"] = None if flags["clip"] == "none" else flags["clip"]
     if resume:
-        out = overrides.get("out")
-        if not out:
-            raise UserError("--resume needs --out DIR (the run to continue)")
-        saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} not found (no run to continue there)")
-        extra = sorted(k for k in overrides if k not in ("out", "train.steps"))
-        if extra or config is not None:
-            raise UserError("--resume continues the saved config; only --steps may change "
-                            f"(got {', '.join(extra) or '--config'})")
-        return load_config(saved, overrides=overrides, flag_names=FLAG_NAMES), None
-    preset, lab = {}, None
+        return _resume_config(config, overrides)
     cfg = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
-    if cfg.model.path == "lab" or cfg.data.train == "lab":
-        from aropd_mlx.lab.defaults import lab_preset, lab_settings_for
-        from aropd_mlx.lab.setup import prepare_lab
+    if not _wants_lab(cfg):
+        return cfg, None
+    lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
+    return _with_lab(config, overrides, cfg, lab), lab
 
-        lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
-        preset = lab_preset(lab, cfg)
-        cfg = load_config(config, overrides=overrides, base=preset, flag_names=FLAG_NAMES)
-        cfg = _lab_paths(cfg, lab)
-    return cfg, lab
+
+def _wants_lab(cfg) -> bool:
+    return cfg.model.path == "lab" or cfg.data.train == "lab"
+
+
+def _with_lab(config, overrides: dict, cfg, lab):
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_preset
+
+    cfg = load_config(config, overrides=overrides, base=lab_preset(lab, cfg), flag_names=FLAG_NAMES)
+    return _lab_paths(cfg, lab)
+
+
+PATH_KEYS = ("model.path", "model.teacher", "model.adapter", "data.train", "data.eval")
+
+
+def _resume_config(config: Optional[Path], overrides: dict):
+    """The saved config of the run the command names, if every value the command sets (flags,
+    -c YAML) equals the saved one once resolved as the first run resolved it; else one line
+    naming each difference. Only the steps may change."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import find_lab, lab_at, lab_settings_for
+
+    fresh = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
+    if _wants_lab(fresh):  # the lab's paths and preset, as the first run had them (nothing built)
+        fresh = _with_lab(config, overrides, fresh, lab_at(lab_settings_for(fresh)))
+    run_dir = Path(fresh.out).expanduser()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {saved_path} not found (no run to continue there; "
+                        "--out names the run)")
+    saved = load_config(saved_path)
+    given = set(overrides) | _yaml_keys(config)
+    differ = []
+    for key in sorted(given - {"out", "train.steps"}):
+        old, new = _value(saved, key), _value(fresh, key)
+        if not _same(key, old, new):
+            flag = f" ({FLAG_NAMES[key]})" if key in FLAG_NAMES and key in overrides else ""
+            differ.append(f"{key}{flag}: saved {old!r}, given {new!r}")
+    if differ:
+        raise UserError(f"--resume continues the run saved in {saved_path}; only --steps may "
+                        f"change, and this command differs: {'; '.join(differ)} (to start over "
+                        "instead: --overwrite)")
+    keep = {"out": fresh.out}
+    if "train.steps" in given:
+        keep["train.steps"] = fresh.train.steps
+    cfg = load_config(saved_path, overrides=keep)
+    return cfg, find_lab(run_dir, cfg, on_step=_build_progress())
+
+
+def _yaml_keys(config: Optional[Path]) -> set[str]:
+    """The dotted keys a YAML config file sets (already validated by load_config)."""
+    import yaml
+
+    if config is None:
+        return set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    return set(walk(yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}, ""))
+
+
+def _value(cfg, key: str):
+    from dataclasses import is_dataclass
+
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return None if is_dataclass(cfg) else cfg  # an empty YAML section sets nothing
+
+
+def _same(key: str, old, new) -> bool:
+    """Equal values; paths also when they name the same file from here ('d.jsonl', './d.jsonl',
+    an absolute path)."""
+    if old == new:
+        return True
+    if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and \
+            "://" not in old + new:
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    return False
 
 
 def _lab_paths(cfg, lab):
@@ -93,36 +168,23 @@ def _build_progress():
     return on_step
 
 
-def _eval(model, tokenizer, cfg, examples, lab) -> dict:
-    from aropd_mlx.evaluate import answer_checker, evaluate
-
-    checker = answer_checker
+def _checker(lab):
+    """The lab's checker for a lab run (all-steps-correct, shortcuts, by k), else the generic one."""
     if lab is not None:
         from aropd_mlx.lab.setup import checker
-    res = evaluate(model, tokenizer, examples, cfg.views, checker=checker,
+
+        return checker
+    from aropd_mlx.evaluate import answer_checker
+
+    return answer_checker
+
+
+def _eval(model, tokenizer, cfg, examples, lab) -> dict:
+    from aropd_mlx.evaluate import evaluate
+
+    res = evaluate(model, tokenizer, examples, cfg.views, checker=_checker(lab),
                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed)
     return res.summary()
-
-
-def summary_rows(before: dict | None, after: dict, compare: bool = True) -> list[dict]:
-    """One row per group (overall, then by k or by length): before -> after, or (compare=False,
-    `eval`) the one result."""
-    keys = [k for k in ("accuracy", "all_steps_correct_rate", "shortcut_rate") if k in after]
-    groups = [("all", after, before)]
-    group_key = "by_k" if "by_k" in after else "by_length"
-    for g, row in after.get(group_key, {}).items():
-        groups.append((f"k={g}" if group_key == "by_k" else g, row,
-                       (before or {}).get(group_key, {}).get(g)))
-    rows = []
-    for name, a, b in groups:
-        r = {"group": name, "n": a["n"]}
-        for k in keys:
-            short = {"accuracy": "acc", "all_steps_correct_rate": "all-steps", "shortcut_rate": "shortcut"}[k]
-            if compare:
-                r[f"{short} before"] = None if b is None else b.get(k)
-            r[f"{short} after" if compare else short] = a.get(k)
-        rows.append(r)
-    return rows
 
 
 @handles_errors
@@ -133,8 +195,14 @@ def train_command(
     method: Optional[str] = typer.Option(None, help="sft | opd | partial-opd | full-opd | ar-opd"),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    out: Optional[str] = typer.Option(None, help="Run directory."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out to its planned end."),
+    out: Optional[str] = typer.Option(None, help="Run directory (one run each; see --resume, --overwrite)."),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue the interrupted run in --out from its last checkpoint to its planned end. "
+        "`--out DIR --resume` is enough; the original command plus --resume works too: every "
+        "value it sets must equal the saved config's (only --steps may change).")),
+    overwrite: bool = typer.Option(False, "--overwrite", help=(
+        "Replace the run already in --out. The old run stays whole until the new one has "
+        "written its first checkpoint, then the new run takes its place.")),
     lam: Optional[float] = typer.Option(None, help="Residual weight lambda (0: Partial OPD)."),
     clip: Optional[str] = typer.Option(None, help="Residual clip c, or 'none'."),
     alpha: Optional[float] = typer.Option(None, help="Divergence: 0 forward KL, 1 reverse KL, else JSD."),
@@ -148,18 +216,28 @@ def train_command(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
 ):
-    """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end."""
-    from aropd_mlx.data import train_and_eval
+    """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end.
+
+    A run directory (--out) holds one run. A new run into a directory that already holds one is
+    refused: --resume continues it, --overwrite replaces it. A run locks its directory while it
+    runs, so a second run on the same --out fails at once."""
     from aropd_mlx.checkpoint import check_run_dir
+    from aropd_mlx.data import train_and_eval
+    from aropd_mlx.evaluate import summary_rows
     from aropd_mlx.models import Teacher, check_supported, load_student
+    from aropd_mlx.rundir import RunDir, check_run_start
     from aropd_mlx.trainer import train
 
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: "
+                        "give one of them")
     flags = dict(model=model, data=data, method=method, steps=steps, save_every=save_every,
                  out=out, lam=lam, clip=_clip_value(clip), alpha=alpha, teacher=teacher, seed=seed,
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
+    check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples, eval_examples = train_and_eval(cfg.data, need)  # data.eval or eval_fraction held out
@@ -169,21 +247,30 @@ def train_command(
     from aropd_mlx.distributed import init
 
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
-        train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume)
+        train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)
         return
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
-    before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
-    from .progress import StepProgress
+    from aropd_mlx.lab.defaults import lab_record
 
-    with StepProgress(cfg.train.steps, resume=resume) as progress:
-        summary = train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume,
-                        on_step=progress.update)
-    if eval_examples and not no_eval:
-        after = _eval(student, tokenizer, cfg, eval_examples, lab)
-        summary.update(eval_before=before, eval_after=after)
-        typer.echo("\n" + table(summary_rows(before, after)))
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    # The lock is taken when training writes its first file, and held to the end; files for
+    # the run directory wait in `run.files` (written into the new run, never an old one).
+    with RunDir(cfg.out, resume=resume, overwrite=overwrite) as run:
+        if lab is not None and not resume:
+            run.files["lab.json"] = lab_record(lab)  # a resumed run, `eval`: the lab's checker
+        before = _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval, resume)
+        if before is not None and not resume:
+            run.files["eval_before.json"] = json.dumps(before, indent=2)
+        from .progress import StepProgress
+
+        with StepProgress(cfg.train.steps, resume=resume) as progress:
+            summary = train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume,
+                            on_step=progress.update, run=run)
+        if eval_examples and not no_eval:
+            after = _eval(student, tokenizer, cfg, eval_examples, lab)
+            summary.update(eval_before=before, eval_after=after)
+            typer.echo("\n" + table(summary_rows(after, before)))
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"\n{summary['steps_done']} steps in {summary['train_seconds']:.0f}s "
                f"(final loss {summary['final_loss'] or float('nan'):.4f}); adapters in {cfg.out}")
     if summary.get("skipped_prompts") or summary.get("skipped_updates"):
@@ -193,56 +280,85 @@ def train_command(
 
 
 def _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval: bool, resume: bool):
-    """Evaluate before training (kept in the run dir, so a resumed run still shows it)."""
-    from aropd_mlx.checkpoint import prepare_run_dir
-
+    """Evaluate before training (a resumed run reads the one its first start made)."""
     path = Path(cfg.out) / "eval_before.json"
     if resume:
         return json.loads(path.read_text()) if path.is_file() else None
     if not eval_examples or no_eval:
         return None
     typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)
-    before = _eval(student, tokenizer, cfg, eval_examples, lab)
-    prepare_run_dir(cfg.out)
-    path.write_text(json.dumps(before, indent=2))
-    return before
+    return _eval(student, tokenizer, cfg, eval_examples, lab)
 
 
 @handles_errors
 def eval_command(
-    model: str = typer.Option("lab", help="Hub id or local path ('lab': the built-in lab model)."),
-    adapter: Optional[Path] = typer.Option(None, help="Run or adapter directory to load."),
-    data: Optional[str] = typer.Option(None, help="JSONL with question and answer (lab: its held-out set)."),
+    model: Optional[str] = typer.Option(None, help=(
+        "Hub id or local path of the base model. Default: the one saved in the --adapter run's "
+        "config.yaml; without --adapter, the lab model ('lab').")),
+    adapter: Optional[Path] = typer.Option(None, help=(
+        "A run directory (its config.yaml gives the base model, model settings and views) or "
+        "an adapter directory (then --model is needed).")),
+    data: Optional[str] = typer.Option(None, help=(
+        "JSONL with question and answer. Default: the run's data.eval (the lab's held-out set "
+        "for lab runs).")),
     k: int = typer.Option(1, help="Samples per problem (avg@k, pass@k)."),
     temperature: float = typer.Option(0.0, help="0: greedy."),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: Optional[int] = typer.Option(None, help=(
+        "Response length limit. Default: the run's rollout.max_new_tokens (256 without a run).")),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result here."),
 ):
     """Evaluate a model (plus adapters) on held-out problems."""
-    from aropd_mlx.config import load_config
-    from aropd_mlx.data import load_examples
-    from aropd_mlx.evaluate import answer_checker, evaluate
-    from aropd_mlx.models import ModelSettings, load_student
-
-    cfg, lab = resolve_config(None, {"model": model, "data": data}, resume=False)
-    if adapter is not None and (adapter / "config.yaml").is_file():
-        saved = load_config(adapter / "config.yaml")
-        settings = saved.model
-        views = saved.views
-    else:
-        settings, views = cfg.model, cfg.views
     from dataclasses import replace
 
-    settings = replace(settings, path=cfg.model.path if model == "lab" else model,
-                       adapter=str(adapter) if adapter else None)
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.evaluate import evaluate, summary_rows
+    from aropd_mlx.models import load_student
+
+    run, lab = _eval_run(model, adapter)
+    path = run.model.path
+    if model == "lab" or (model is None and path == "lab"):
+        from aropd_mlx.lab.defaults import lab_settings_for
+        from aropd_mlx.lab.setup import prepare_lab
+
+        lab = lab or prepare_lab(lab_settings_for(), on_step=_build_progress())
+        path = str(lab.model_path)
+    elif model is not None:
+        path = model
+    settings = replace(run.model, path=path, adapter=str(adapter) if adapter else None)
+    if data is None:
+        data = run.data.eval or (str(lab.eval_path) if lab is not None else None)
+        if data is None:
+            where = f" ({adapter / 'config.yaml'} has no data.eval)" if adapter else ""
+            raise UserError(f"eval: no held-out data: give --data FILE, a JSONL with question "
+                            f"and answer{where}")
+        source = f"data.eval of {adapter / 'config.yaml'}" if adapter else "the lab's held-out set"
+        typer.echo(f"no --data: evaluating on {data} ({source})", err=True)
     student, tokenizer = load_student(settings)
-    examples = load_examples(data or cfg.data.eval or cfg.data.train, need=("question", "answer"))
-    checker = answer_checker
-    if lab is not None:
-        from aropd_mlx.lab.setup import checker
-    result = evaluate(student, tokenizer, examples, views, checker=checker, k=k,
-                      temperature=temperature, max_new_tokens=max_new_tokens)
+    examples = load_examples(data, need=("question", "answer"))
+    result = evaluate(student, tokenizer, examples, run.views, checker=_checker(lab), k=k,
+                      temperature=temperature,
+                      max_new_tokens=max_new_tokens or run.rollout.max_new_tokens)
     s = result.summary()
-    typer.echo(table(summary_rows(None, s, compare=False)))
+    typer.echo(table(summary_rows(s)))
     if json_out:
         json_out.write_text(json.dumps({"summary": s, "records": result.records}, indent=2))
+
+
+def _eval_run(model: Optional[str], adapter: Optional[Path]):
+    """The config `eval` starts from and the lab (None: generic data): the adapter run's saved
+    config; else the lab's, for the lab model; else the defaults."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import find_lab
+
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise UserError(f"--adapter {adapter}: not a directory")
+        if (adapter / "config.yaml").is_file():
+            saved = load_config(adapter / "config.yaml")
+            return saved, find_lab(adapter, saved, on_step=_build_progress())
+        if model is None:
+            raise UserError(f"--adapter {adapter} has no config.yaml naming its base model: "
+                            "give --model")
+    if model in (None, "lab"):
+        return resolve_config(None, {"model": "lab"}, resume=False)
+    return load_config(overrides={"model.path": model}), None

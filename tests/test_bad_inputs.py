@@ -217,12 +217,15 @@ def test_flag_of_the_wrong_type_is_a_usage_error(ws):
     assert not ws["out"].exists()
 
 
-def test_resume_contradictions(ws):
-    one_error(cli("--resume"), "--resume needs --out")
+def test_resume_contradictions(ws, monkeypatch):
+    monkeypatch.chdir(ws["tmp"])  # `train --resume` alone: the lab's run directory, runs/lab
+    one_error(cli("--resume"), "--resume", "runs/lab/config.yaml not found")
     one_error(cli("--resume", "--out", ws["out"]), "--resume", "config.yaml not found", out=ws["out"])
+    one_error(cli(*ws["base"], "--resume", "--overwrite"), "give one of them", out=ws["out"])
     assert cli(*ws["base"]).exit_code == 0
     one_error(cli("--resume", "--out", ws["out"], "--lam", "0.3"), "only --steps may change",
-              "objective.lam")
+              "objective.lam (--lam): saved 0.8, given 0.3")
+    assert not (ws["tmp"] / "runs").exists()
 
 
 # ----------------------------------------------------------------------------------- model

@@ -16,6 +16,7 @@ from aropd_mlx.evaluate import (
     normalize,
     pass_at,
     summary_markdown,
+    summary_rows,
 )
 
 
@@ -126,6 +127,27 @@ def test_summary_with_lab_checker_fields_and_tables():
     assert "| all | 4 | 0.750 | 0.250 | 0.500 |" in md and "| k=2 |" in md and "| len <=256 |" in md
     assert markdown_table([]) == "(empty)\n"
     assert BUCKET_NAMES[0] == "<=256"
+
+
+def test_one_evaluation_table_before_and_after():
+    """The table `train` (before -> after) and `eval` print is evaluate.summary_rows, the only
+    one: groups all, by k, by length; a group missing before shows None."""
+    import aropd_mlx.cli.train as cli_train
+
+    after = {"n": 4, "accuracy": 0.75, "all_steps_correct_rate": 0.5, "shortcut_rate": 0.25,
+             "by_k": {"2": {"n": 2, "accuracy": 1.0, "all_steps_correct_rate": 1.0, "shortcut_rate": 0.0},
+                      "3": {"n": 2, "accuracy": 0.5, "all_steps_correct_rate": 0.0, "shortcut_rate": 0.5}},
+             "by_length": {"<=256": {"n": 4, "accuracy": 0.75}}}
+    before = {**after, "accuracy": 0.25, "by_k": {"2": {**after["by_k"]["2"], "accuracy": 0.5}}}
+    rows = summary_rows(after, before)
+    assert [r["group"] for r in rows] == ["all", "k=2", "k=3", "len <=256"]
+    assert rows[0] == {"group": "all", "n": 4, "acc before": 0.25, "acc after": 0.75,
+                       "all-steps before": 0.5, "all-steps after": 0.5,
+                       "shortcut before": 0.25, "shortcut after": 0.25}
+    assert rows[1]["acc before"] == 0.5 and rows[2]["acc before"] is None
+    assert rows[3]["all-steps after"] is None  # the length groups carry accuracy only
+    assert list(summary_rows(after)[0]) == ["group", "n", "acc", "all-steps", "shortcut"]
+    assert not hasattr(cli_train, "summary_rows") or cli_train.summary_rows is summary_rows
 
 
 def test_evaluate_samples_k_per_problem(tiny_llama):

@@ -34,6 +34,27 @@ def test_default_train_runs_the_lab_end_to_end(small_lab):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_resumed_lab_run_is_evaluated_with_the_lab_checker(small_lab):
+    """The lab run is recorded (lab.json): a resumed run's 'after' comes from the lab's checker
+    (all-steps-correct, shortcuts, by k), as 'before' did; `eval --adapter RUN` alike."""
+    out = small_lab / "run"
+    args = ["train", "--out", str(out), "--batch-size", "2", "--group-size", "2"]
+    assert CliRunner().invoke(app, [*args, "--steps", "1"]).exit_code == 0
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 2
+    for when in ("eval_before", "eval_after"):
+        assert set(summary[when]["by_k"]) == {"2", "3"} and "shortcut_rate" in summary[when]
+    assert "all-steps after" in result.output and "k=3" in result.output
+    assert json.loads((out / "lab.json").read_text())["settings"]["k_max"] == 3
+    (out / "lab.json").unlink()  # a run made before lab.json: found from its model's lab cache
+    result = CliRunner().invoke(app, ["eval", "--adapter", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "k=3" in result.stdout and "shortcut" in result.stdout
+    assert "the lab's held-out set" not in result.stderr and "eval.jsonl" in result.stderr
+
+
 def test_lab_is_built_once_and_cached(small_lab):
     from aropd_mlx.lab.defaults import lab_settings_for
 

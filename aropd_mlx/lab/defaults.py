@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from aropd_mlx import __version__
 from aropd_mlx.errors import UserError
@@ -97,11 +98,52 @@ def lab_settings_for(cfg=None) -> LabSettings:
         values = json.loads(raw)
         if not isinstance(values, dict):
             raise ValueError("expected a JSON object")
-        if "spec" in values:
-            values["spec"] = TinySpec(**values["spec"])
-        for key in ("eval_ks", "warm_view_mix"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return LabSettings(**values)
+        return settings_from(values)
     except (ValueError, TypeError) as e:
         raise UserError(f"AROPD_MLX_LAB: {e}") from None
+
+
+def settings_from(values: dict) -> LabSettings:
+    """LabSettings from their JSON form (AROPD_MLX_LAB, lab.json)."""
+    values = dict(values)
+    if "spec" in values:
+        values["spec"] = TinySpec(**values["spec"])
+    for key in ("eval_ks", "warm_view_mix"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return LabSettings(**values)
+
+
+def lab_at(settings: LabSettings):
+    """The lab of these settings where the cache keeps it (a setup.Lab): its paths, nothing built."""
+    from aropd_mlx.lab.setup import Lab, cache_root
+
+    return Lab(settings, cache_root() / settings.key())
+
+
+def lab_record(lab) -> str:
+    """The run directory's lab.json: which lab a run used (resume and `eval` use its checker)."""
+    return json.dumps({"root": str(lab.root), "settings": asdict(lab.settings)}, indent=2,
+                      default=str)
+
+
+def find_lab(run_dir, cfg, on_step=None):
+    """The lab a saved run used (None: not a lab run), built again if its cache is gone: from
+    the run's lab.json, or (runs made before it) from the lab cache its model path points at."""
+    record = Path(run_dir) / "lab.json"
+    try:
+        if record.is_file():
+            data = json.loads(record.read_text())
+            root, values = Path(data["root"]), data["settings"]
+        else:
+            root = Path(cfg.model.path).expanduser().parent
+            if Path(cfg.model.path).name != "model" or not (root / "lab.json").is_file():
+                return None
+            values = json.loads((root / "lab.json").read_text())
+        settings = settings_from(values)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{record}: unreadable lab record ({e})") from None
+    from aropd_mlx.lab.setup import prepare_lab
+
+    return prepare_lab(settings, root=root, on_step=on_step)
+

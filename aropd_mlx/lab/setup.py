@@ -93,6 +93,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
         "out": str(root / "warm_run"),
     }
     cfg = load_config(overrides=overrides)
+    shutil.rmtree(cfg.out, ignore_errors=True)  # what an interrupted build left
     model, tokenizer = load_student(cfg.model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
     train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step)

@@ -1,0 +1,230 @@
+"""The run directory's life: one run at a time, never a silent overwrite, and an `--overwrite`
+that keeps the old run whole until the new one has a checkpoint of its own.
+
+- A run holds an exclusive lock (`fcntl.flock`, non-blocking) on `DIR/.run.lock` from the
+  moment it writes there to its end: a second run on the same directory fails at once.
+- A new run into a directory that holds a previous run is refused (`--resume` continues it,
+  `--overwrite` replaces it).
+- `--overwrite` writes the new run into a staging directory next to it (`.DIR.overwrite`) and
+  swaps it in (one atomic exchange where the OS has one, else two renames) right after its first
+  checkpoint: a crash before then leaves the old run as it was.
+
+    check_run_start("runs/x", resume=False, overwrite=False)  # before any work: one line if refused
+    with RunDir("runs/x", overwrite=True) as run:
+        path = run.open()     # lock, create; the staging directory when replacing a run
+        ...                   # write the run into `path`
+        path = run.commit()   # after the first checkpoint: the new run replaces the old one
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from aropd_mlx.checkpoint import check_run_dir
+from aropd_mlx.errors import UserError
+
+LOCK = ".run.lock"
+# What a run writes in its directory: any of these there means a previous run.
+RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "adapters.safetensors",
+             "adapter_config.json", "summary.json", "diagnostics.json", "eval_before.json",
+             "lab.json")
+
+
+def _runs_own(name: str) -> bool:
+    """A run file, the lock, or a temporary name a killed run may leave (`*.tmp`, `.tmp-*`)."""
+    return name in RUN_FILES or name in (LOCK, "adapters.tmp.safetensors") or \
+        name.endswith(".tmp") or name.startswith(".tmp")
+
+
+def previous_run(path: str | Path) -> list[str]:
+    """The run files in `path` (empty: no previous run there)."""
+    path = Path(path).expanduser()
+    return [name for name in RUN_FILES if (path / name).exists()] if path.is_dir() else []
+
+
+def _held_by_another(path: Path) -> bool:
+    """Is the lock of run directory `path` held (by another run)? Takes nothing."""
+    lock = path / LOCK
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _in_use(path: Path) -> UserError:
+    return UserError(f"run directory {path} is in use: another run holds its lock "
+                     f"({path / LOCK}); wait for it to end, or choose another --out")
+
+
+def check_run_start(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise a UserError (one line, nothing written) unless a run may start in `path` now."""
+    path = Path(path).expanduser()
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: "
+                        "give one of them")
+    if path.is_dir() and _held_by_another(path):
+        raise _in_use(path)
+    _check_previous(path, resume, overwrite)
+
+
+def _check_previous(path: Path, resume: bool, overwrite: bool) -> None:
+    found = [] if resume else previous_run(path)
+    if found and not overwrite:
+        raise UserError(f"{path} already holds a run ({', '.join(found[:3])}): use --resume "
+                        "to continue it, --overwrite to replace it, or another --out")
+    if found:
+        foreign = sorted(p.name for p in path.iterdir() if not _runs_own(p.name))
+        if foreign:
+            raise UserError(f"--overwrite replaces a whole run directory, and {path} also holds "
+                            f"{', '.join(foreign[:3])}: move those, or choose another --out")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2, macOS renamex_np); False where the
+    OS or file system has no such call."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform == "darwin":
+            fn, args = libc.renamex_np, (bytes(a), bytes(b), 0x2)  # RENAME_SWAP
+        else:
+            fn, args = libc.renameat2, (-100, bytes(a), -100, bytes(b), 0x2)  # AT_FDCWD, EXCHANGE
+    except (OSError, AttributeError):
+        return False
+    if fn(*args) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
+class RunDir:
+    """The directory one run writes, locked for the run's life (a context manager; re-entrant).
+
+    `files` ({name: text}) are written into the run directory when it is opened (the CLI's
+    evaluation before training, the lab record): they land in the new run, never in an old one."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 files: dict[str, str] | None = None):
+        self.final = Path(path).expanduser()
+        self.resume, self.overwrite = resume, overwrite
+        self.files = dict(files or {})
+        self.path: Path | None = None  # where the run writes now
+        self.staged = False  # writing into the staging directory (the old run still in place)
+        self._fds: list[int] = []
+        self._depth = 0
+
+    def __enter__(self) -> "RunDir":
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.close()
+
+    @property
+    def staging(self) -> Path:
+        return self.final.parent / f".{self.final.name}.overwrite"
+
+    @property
+    def replaced(self) -> Path:
+        return self.final.parent / f".{self.final.name}.replaced"
+
+    def _lock(self, path: Path) -> None:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(self.final) from None
+        self._fds.append(fd)
+
+    def open(self) -> Path:
+        """Create and lock the run directory; returns where the run writes (the staging
+        directory while an --overwrite keeps the old run)."""
+        if self.path is not None:
+            return self.path
+        check_run_dir(self.final)
+        created = True
+        try:
+            self.final.mkdir(parents=True)
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            raise UserError(f"cannot create output directory {self.final}: "
+                            f"{e.strerror or e} (out / --out)") from None
+        try:
+            self._lock(self.final)
+            _check_previous(self.final, self.resume, self.overwrite)  # again, now under the lock
+            for left in (self.staging, self.replaced):  # what a killed --overwrite left
+                shutil.rmtree(left, ignore_errors=True)
+            if self.overwrite and previous_run(self.final):
+                self.staging.mkdir()
+                self._lock(self.staging)
+                self.path, self.staged = self.staging, True
+            else:
+                self.path = self.final
+            for name, text in self.files.items():
+                tmp = self.path / f"{name}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, self.path / name)
+        except BaseException:
+            self.close()
+            if created:
+                shutil.rmtree(self.final, ignore_errors=True)
+            raise
+        return self.path
+
+    def commit(self) -> Path:
+        """The staged run replaces the old one (after its first checkpoint); returns the final
+        path. Without staging, nothing to do."""
+        if not self.staged:
+            return self.path
+        old = self.staging  # after an exchange it holds the old run
+        if not _exchange(self.staging, self.final):
+            old = self.replaced
+            os.rename(self.final, old)
+            os.rename(self.staging, self.final)
+        _fsync_dir(self.final.parent)
+        self.path, self.staged = self.final, False
+        shutil.rmtree(old, ignore_errors=True)
+        os.close(self._fds.pop(0))  # the old run's lock, now deleted with it
+        return self.final
+
+    def close(self) -> None:
+        """Release the lock; a staged run that never reached a checkpoint is removed."""
+        if self.staged:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staged = False
+        for fd in self._fds:
+            os.close(fd)
+        self._fds, self.path = [], None

@@ -29,7 +29,7 @@
 # --system-site-packages at DEVICE_CHECK_VENV, default /tmp/aropd-device-venv, so a
 # preinstalled torch is reused), DEVICE_CHECK_MLX_EXTRA (cuda12 | cuda13; default from the
 # driver's CUDA version in nvidia-smi), DEVICE_CHECK_BUDGET, DEVICE_CHECK_PEER_ARGS (extra
-# arguments of `bench peer`).
+# arguments of `bench peer`), DEVICE_CHECK_WHEELS (the wheel folder, default .whl).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -64,10 +64,12 @@ pick_python() {
 
 # ------------------------------------------------------------------ stages (run as children)
 
-pip_install() {  # pip install with the offline switches when .whl/ exists
+WHEELS=${DEVICE_CHECK_WHEELS:-$ROOT/.whl}
+
+pip_install() {  # pip install with the offline switches when the wheel folder exists
   local py=$1; shift
-  if [ -d "$ROOT/.whl" ]; then
-    "$py" -m pip install --disable-pip-version-check --no-index --find-links "$ROOT/.whl" "$@"
+  if [ -d "$WHEELS" ]; then
+    "$py" -m pip install --disable-pip-version-check --no-index --find-links "$WHEELS" "$@"
   else
     "$py" -m pip install --disable-pip-version-check "$@"
   fi
@@ -77,9 +79,12 @@ stage_install() {
   set -x
   local base=${PYTHON:-python3} py cuda extra torch_pin
   if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$VENV/bin/python" ] || "$base" -m venv --system-site-packages "$VENV"; then
+    "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+      || "$base" -m venv --system-site-packages "$VENV"
+    if "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
       py=$VENV/bin/python
-    else  # no venv module: the interpreter itself (PEP 668 marker overridden)
+    else  # no usable venv (ensurepip missing): the interpreter itself, PEP 668 marker overridden
+      [ -f "$VENV/pyvenv.cfg" ] && rm -rf "$VENV"  # a half-made venv would be picked later
       py=$base
       export PIP_BREAK_SYSTEM_PACKAGES=1
     fi

@@ -74,3 +74,47 @@ def test_device_check_budget_overrun_fails_and_goes_on(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is False and "bench-step" in summary["failed"]
     assert "RESULT: FAILED" in done.stdout
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\n' "$*" | head -n 1 >> "$FAKE_LOG"
+case "$*" in
+  *"import torch; print(torch.__version__)"*) echo "2.9.0+cu130" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("cuda,extra", [("13.0", "cuda13"), ("12.8", "cuda12")])
+def test_install_stage_commands(tmp_path, cuda, extra):
+    """GPU mode's install stage, dry: a stub nvidia-smi and a python that only logs its
+    arguments. Checks the MLX extra from the driver's CUDA version, the offline pip switches,
+    mlx-cpu removed before MLX's CUDA wheel, the editable --no-deps install, torch pinned."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(
+        f"#!/bin/sh\necho '| NVIDIA-SMI 580.00   Driver Version: 580.00   CUDA Version: {cuda}  |'\n")
+    fake = bin_dir / "fakepython"
+    fake.write_text(FAKE_PYTHON)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(fake),
+               FAKE_LOG=str(log), DEVICE_CHECK_WHEELS=str(wheels), OUT=str(tmp_path / "out"))
+    env.pop("DEVICE_CHECK_CPU", None)
+    env.pop("DEVICE_CHECK_MODE", None)
+    done = subprocess.run(["bash", str(SCRIPT), "--stage", "install"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    installs = [c for c in calls if c.startswith("-m pip install")]
+    assert len(installs) == 3
+    assert all(f"--no-index --find-links {wheels}" in c for c in installs)
+    uninstall = calls.index("-m pip uninstall -y mlx-cpu")
+    assert uninstall < calls.index(next(c for c in installs if f"mlx[{extra}]" in c))
+    assert installs[1].endswith("-e . --no-deps")
+    assert "torch==2.9.0+cu130" in installs[2] and "trl" in installs[2].split()
+    assert "mlx-lm>=0.32.2" in installs[2] and "[cpu]" not in installs[2]
+    assert f"MLX extra: {extra}" in done.stdout

@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu ;;
     --stage) STAGE=$2; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "device-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -98,7 +98,7 @@ stage_install() {
   fi
   echo "driver CUDA version: ${cuda:-unknown}; MLX extra: $extra"
   torch_pin=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null)
-  # mlx-cpu and mlx-cuda-* ship the same mlx/lib files: the CPU one goes first, not after
+  # mlx-cpu and mlx-cuda-* both provide mlx/lib (libmlx.so): remove the CPU one first, not after
   if "$py" -m pip show mlx-cpu >/dev/null 2>&1; then
     "$py" -m pip uninstall -y mlx-cpu || return 1
   fi

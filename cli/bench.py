@@ -3,6 +3,8 @@
     aropd-mlx bench                          # everything at default size (a few minutes each)
     aropd-mlx bench rollout --quick          # seconds: a smoke run at tiny sizes
     aropd-mlx bench peer --model lab --json runs/bench.json
+    aropd-mlx bench peer --rounds 7 --steps-per-round 3   # interleaved rounds, more steps
+    aropd-mlx bench step --quick --device cuda            # MLX's CUDA backend (and TRL on CUDA)
 Results and goals: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -28,6 +30,13 @@ def bench_command(
                                               help="Only these bench models (lab, 56m); repeatable."),
     no_install: bool = typer.Option(False, "--no-install",
                                     help="peer: skip TRL when missing instead of pip-installing it."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1,
+                                         help="peer: interleaved rounds (default 5; --quick 2)."),
+    steps_per_round: Optional[int] = typer.Option(
+        None, "--steps-per-round", min=1,
+        help="peer: timed steps of each side per round (default 2; --quick 1)."),
+    device: str = typer.Option("auto", "--device",
+                               help="auto | cpu | cuda: MLX's device and where TRL runs (peer)."),
 ):
     """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer."""
     from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
@@ -37,11 +46,23 @@ def bench_command(
     for m in model or []:
         if m not in ("lab", "56m"):
             raise UserError(f"--model must be lab or 56m, got {m!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     which = list(BENCHMARKS) if what == "all" else [what]
-    result = run_suite(which, quick=quick, models=list(model) if model else None,
-                       install=not no_install, echo=typer.echo)
+    try:
+        result = run_suite(which, quick=quick, models=list(model) if model else None,
+                           install=not no_install, echo=typer.echo, device=device,
+                           peer_options={"rounds": rounds, "steps_per_round": steps_per_round})
+    except ValueError as e:
+        if str(e).startswith("device"):
+            raise UserError(f"bench: {e}") from None
+        raise
     typer.echo("")
     typer.echo(table(result["table"], ["benchmark", "model", "measure", "result", "goal", "met"]))
+    if any(r.get("met") == "straddles" for r in result["table"]):
+        typer.echo("straddles: that ratio's spread over the rounds (min-max) contains its goal, "
+                   "so this run supports no claim either way (rerun on an idle machine, or with "
+                   "more --rounds)")
     if quick:
         typer.echo("(--quick: smoke sizes; the goals are judged at the default sizes)")
     m = result["machine"]

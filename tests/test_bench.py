@@ -99,11 +99,12 @@ def test_step_flops_formula():
 def test_peer_ours_side_and_install_check(tiny_llama):
     from aropd_mlx.bench.peer import bench_peer, ensure_trl, format_peer
 
-    r = bench_peer(rows=2, max_new_tokens=4, steps=1, peers=(), install=False,
-                   model_path=tiny_llama)
-    assert r["speedups"] == {}
+    r = bench_peer(rows=2, max_new_tokens=4, rounds=2, steps_per_round=1, peers=(),
+                   install=False, model_path=tiny_llama)
+    assert r["speedups"] == {} and r["ratios"] == {}
     ours = r["runs"]["aropd-mlx opd"]
-    _finite_positive(ours["seconds_per_step"], ours["tokens_per_s"])
+    _finite_positive(ours["seconds_per_step"], ours["tokens_per_s"], ours["update_seconds"])
+    assert len(ours["round_seconds_per_step"]) == 2 and len(ours["step_seconds"]) == 2
     assert ours["completion_tokens_mean"] == 4
     why = ensure_trl(install=False)
     assert why is None or "TRL" in why
@@ -115,14 +116,17 @@ def test_peer_against_trl(tiny_llama):
     pytest.importorskip("trl")
     from aropd_mlx.bench.peer import bench_peer
 
-    r = bench_peer(rows=2, max_new_tokens=4, steps=1, peers=("gkd-tuned",), install=False,
-                   model_path=tiny_llama)
+    r = bench_peer(rows=2, max_new_tokens=4, rounds=2, steps_per_round=1, peers=("gkd-tuned",),
+                   install=False, model_path=tiny_llama)
     run = r["runs"]["trl gkd-tuned"]
     assert "error" not in run, run
-    assert len(run["step_seconds"]) == len(run["step_cpu_seconds"]) == 2
-    assert run["completion_tokens_mean"] == 4
+    assert len(run["step_seconds"]) == len(run["step_cpu_seconds"]) == 2  # 2 rounds x 1 step
+    assert len(run["round_seconds_per_step"]) == 2
+    assert run["completion_tokens_mean"] == 4  # warm-up included: all fixed length
     _finite_positive(r["speedups"]["trl gkd-tuned"], r["speedups_cpu"]["trl gkd-tuned"])
-    assert len(r["runs"]["aropd-mlx opd"]["brackets"]) == 2
+    assert r["ratios"]["trl fastest"]["config"] == "trl gkd-tuned"
+    assert r["order"] == ["0:aropd-mlx opd", "0:trl gkd-tuned", "1:aropd-mlx opd",
+                          "1:trl gkd-tuned"]
 
 
 def test_suite_table_and_cli_json(tmp_path):
@@ -153,9 +157,15 @@ def test_goal_rows_mark_misses():
     step = [r for r in rows if r["measure"] == "AR-OPD / OPD step time"][0]
     assert step["met"] == "NO" and step["result"] == "1.50x"
     assert {r["met"] for r in rows if r["goal"] == "-"} == {"-"}
-    rows = goal_rows("peer", {"model": "lab", "speedups": {"trl gkd-tuned": 1.3,
-                                                           "trl gkd-default": 2.0}})
-    assert [r["met"] for r in rows] == ["yes", "NO"]
+    ratio = {"median": 1.3, "min": 1.25, "max": 1.4, "n": 5, "goal": 1.2, "verdict": "yes"}
+    rows = goal_rows("peer", {"model": "lab", "ratios": {
+        "trl gkd-default": {**ratio, "goal": 3.0, "verdict": "NO"},
+        "trl gkd-tuned": {**ratio, "goal": None, "verdict": "-"},
+        "trl fastest": {**ratio, "config": "trl gkd-tuned"}}})
+    assert [r["met"] for r in rows] == ["NO", "-", "yes"]
+    assert [r["goal"] for r in rows] == [">= 3x", "-", ">= 1.2x"]
+    assert rows[2]["measure"].startswith("opd speed vs trl fastest (gkd-tuned)")
+    assert rows[2]["result"] == "1.30x [1.25-1.40]"
 
 
 def test_busy_machine_warning():
@@ -165,3 +175,29 @@ def test_busy_machine_warning():
     note = busy_note({"loadavg_start": [4.1, 3, 3], "cpus": 2})
     assert note.startswith("warning: load average 4.1 on 2 CPUs")
     assert busy_note({"loadavg_start": None, "cpus": 2}) is None
+
+
+def test_cli_peer_rounds_flags_and_device(tmp_path, monkeypatch):
+    """`bench peer --quick --rounds --steps-per-round` reaches bench_peer (TRL forced absent:
+    ours only, a few tiny steps); a bad --device is a one-line error."""
+    import typer
+    from typer.testing import CliRunner
+
+    from aropd_mlx.bench import peer
+    from aropd_mlx.cli.bench import bench_command
+
+    monkeypatch.setattr(peer, "ensure_trl", lambda install=True: "TRL absent (test)")
+    app = typer.Typer()
+    app.command()(bench_command)
+    out = tmp_path / "peer.json"
+    res = CliRunner().invoke(app, ["peer", "--quick", "--no-install", "--rounds", "3",
+                                   "--steps-per-round", "1", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    r = data["results"]["peer/lab"]
+    assert (r["rounds"], r["steps_per_round"], r["device"]) == (3, 1, "cpu")
+    assert len(r["runs"]["aropd-mlx opd"]["round_seconds_per_step"]) == 3
+    assert r["skipped"] == "TRL absent (test)" and data["device"] == "cpu"
+    assert "3 rounds x 1 timed steps" in res.output
+    bad = CliRunner().invoke(app, ["peer", "--device", "tpu"])
+    assert bad.exit_code == 2 and "--device" in bad.output

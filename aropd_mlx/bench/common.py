@@ -209,3 +209,29 @@ def blas_line() -> str:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def use_device(device: str = "auto") -> str:
+    """Put MLX on `device` and return where the benchmarks' torch side should run.
+
+    "auto": "cuda" when MLX has its CUDA backend (mlx[cuda12] / mlx[cuda13]), else "cpu"
+    (MLX's default device is then left alone: Metal on a Mac). "cpu": MLX's CPU device (even
+    where a GPU backend exists), torch on CPU. "cuda": MLX's GPU through CUDA; an error when
+    this MLX has no CUDA backend (a CPU-vs-GPU comparison would mean nothing)."""
+    import mlx.core as mx
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    has_cuda = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+        if device == "cpu":
+            return device
+    if device == "cuda":
+        if not has_cuda:
+            raise ValueError("device cuda: this MLX has no CUDA backend "
+                             "(pip install 'mlx[cuda12]' or 'mlx[cuda13]')")
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+    return device

@@ -1,4 +1,4 @@
-"""Peer benchmark: aropd-mlx `opd` against TRL's on-policy distillation on torch CPU.
+"""Peer benchmark: aropd-mlx `opd` against TRL's on-policy distillation (torch CPU or CUDA).
 
 Same HF-format model (the bench "lab" or "56m" llama), same prompts, batch, rollout length,
 number of steps; reverse KL (alpha = beta = 1); a frozen self-teacher; full fine-tuning; fp32;
@@ -8,14 +8,28 @@ fixed-length rollouts. TRL runs in child processes (aropd_mlx.bench.peer_trl) as
   gkd-tuned        the same with gradient_checkpointing=False (KV cache on)
   distill-default  trl.DistillationTrainer (when this TRL has it), its defaults
   distill-tuned    the same with gradient_checkpointing=False
-Ours runs in this process through `aropd_mlx.trainer.run_step`. Speedup = TRL s/step / ours.
+Ours runs in this process through `aropd_mlx.trainer.run_step`.
+
+Interleaved rounds. Every side is set up and warmed up first (ours in this process, each TRL
+configuration in a child that stays alive: peer_trl's stdin/stdout protocol). Then `rounds`
+rounds, each running `steps_per_round` timed steps of every side in turn (ours, TRL A, TRL B,
+...), the idle sides blocked, so all sides see the machine in the same state and no start-up
+or warm-up is timed. Per side: the median s/step of each round, and over rounds their median
+and spread. Per TRL configuration: the ratio TRL s/step / ours s/step *within each round*
+(ours is N x as fast), over rounds its median and spread. A ratio's verdict against its goal
+is "yes" only when the whole spread (min..max over rounds) clears the goal, "NO" when all of
+it misses, and "straddles" otherwise: the run does not support a claim either way.
+
+Goals: ours >= 1.5x TRL's fastest configuration on the 56m model (>= 1.2x on the lab
+model), and >= 3x TRL GKD with its defaults.
 
 TRL is not a dependency of aropd-mlx: when it is missing the benchmark installs it with
 `python -m pip install trl torch==<pinned>` (never an unpinned torch, which would pull a CUDA
 build) or, with pip unavailable or install=False, skips with a note.
 
     from aropd_mlx.bench.peer import bench_peer
-    bench_peer("lab", rows=16, max_new_tokens=80, steps=3)   # tiny: rows=2, max_new_tokens=8, steps=1
+    bench_peer("lab", rows=16, max_new_tokens=80, rounds=5, steps_per_round=2)
+    # tiny: rows=2, max_new_tokens=8, rounds=2, steps_per_round=1
 """
 
 from __future__ import annotations
@@ -23,14 +37,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import queue
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from typing import Callable
 
-from aropd_mlx.bench.common import bench_model, median, no_eos, ratio
+from aropd_mlx.bench.common import bench_model, median, no_eos
 
 TORCH_PIN = "2.13.0"
 PEERS = ("gkd-default", "gkd-tuned", "distill-default", "distill-tuned")
+OURS = "aropd-mlx opd"
+FASTEST = "trl fastest"
+GOAL_DEFAULTS = 3.0  # ours / TRL GKD defaults
+GOAL_FASTEST = {"56m": 1.5, "lab": 1.2}  # ours / TRL's fastest configuration, per bench model
+PREFIX = "AROPD_PEER_"
 
 
 def _torch_pin() -> str:
@@ -71,29 +95,89 @@ def has_distillation_trainer() -> bool:
         return False
 
 
-def run_trl(spec: dict, timeout: float = 1800) -> dict:
-    """One TRL configuration in a child process; its JSON result (or {"error": ...})."""
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)  # torch brings its own BLAS; keep the MLX preload out of it
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = [sys.executable, "-m", "aropd_mlx.bench.peer_trl", json.dumps(spec)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in done.stdout.splitlines():
-        if line.startswith("AROPD_PEER_RESULT "):
-            return json.loads(line[len("AROPD_PEER_RESULT "):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+# ----------------------------------------------------------------------------- statistics
 
+def spread(xs) -> dict:
+    """median, min, max and quartiles (q1, q3: inclusive method) of a list of numbers."""
+    xs = sorted(float(x) for x in xs)
+    if not xs:
+        nan = float("nan")
+        return {"median": nan, "min": nan, "max": nan, "q1": nan, "q3": nan, "n": 0}
+    q1, q3 = ((xs[0], xs[0]) if len(xs) == 1 else
+              tuple(statistics.quantiles(xs, n=4, method="inclusive")[i] for i in (0, 2)))
+    return {"median": float(statistics.median(xs)), "min": xs[0], "max": xs[-1],
+            "q1": float(q1), "q3": float(q3), "n": len(xs)}
+
+
+def verdict(lo: float, hi: float, goal: float | None) -> str:
+    """'yes' when the whole spread [lo, hi] clears `goal`, 'NO' when all of it misses,
+    'straddles' when the goal lies inside it (no claim either way); '-' without a goal."""
+    if goal is None:
+        return "-"
+    if lo >= goal:
+        return "yes"
+    if hi < goal:
+        return "NO"
+    return "straddles"
+
+
+def round_ratios(theirs: list[float], ours: list[float]) -> list[float]:
+    """Per-round TRL s/step / ours s/step (ours is that many times as fast)."""
+    return [t / o if o else float("nan") for t, o in zip(theirs, ours)]
+
+
+def peer_goals(model_name: str) -> dict:
+    return {"trl gkd-default": GOAL_DEFAULTS, FASTEST: GOAL_FASTEST.get(model_name, 1.2)}
+
+
+def aggregate(rounds: dict[str, list[dict]], tokens: int, model_name: str,
+              ours: str = OURS) -> dict:
+    """Per side {round_seconds_per_step, seconds_per_step, spread, ...} and per TRL side the
+    ratio over rounds {median, min, max, q1, q3, per_round, goal, verdict}, plus FASTEST: the
+    TRL configuration with the lowest median s/step, judged against the fastest-goal.
+
+    `rounds[name]` is the list of per-round results {"step_seconds": [...],
+    "step_cpu_seconds": [...]} of each side, in round order (ours included)."""
+    runs, ratios = {}, {}
+    for name, rs in rounds.items():
+        per = [median(r["step_seconds"]) for r in rs]
+        cpu = [median(r["step_cpu_seconds"]) for r in rs if r.get("step_cpu_seconds")]
+        s = spread(per)
+        runs[name] = {"round_seconds_per_step": per, "seconds_per_step": s["median"],
+                      "spread": s, "tokens_per_s": tokens / s["median"] if s["median"] else None,
+                      "step_seconds": [t for r in rs for t in r["step_seconds"]],
+                      "step_cpu_seconds": [t for r in rs for t in r.get("step_cpu_seconds", [])],
+                      "round_cpu_seconds_per_step": cpu,
+                      "cpu_seconds_per_step": median(cpu) if cpu else None}
+    goals = peer_goals(model_name)
+    base = runs.get(ours)
+    trl = [n for n in runs if n != ours]
+    for name in trl:
+        r = round_ratios(runs[name]["round_seconds_per_step"], base["round_seconds_per_step"])
+        s = spread(r)
+        goal = goals.get(name)
+        ratios[name] = {**s, "per_round": r, "goal": goal,
+                        "verdict": verdict(s["min"], s["max"], goal)}
+        cpu_t, cpu_o = runs[name]["round_cpu_seconds_per_step"], base["round_cpu_seconds_per_step"]
+        if cpu_t and cpu_o:
+            ratios[name]["cpu_median"] = spread(round_ratios(cpu_t, cpu_o))["median"]
+    if trl:
+        fastest = min(trl, key=lambda n: runs[n]["seconds_per_step"])
+        goal = goals[FASTEST]
+        ratios[FASTEST] = {**ratios[fastest], "config": fastest, "goal": goal,
+                           "verdict": verdict(ratios[fastest]["min"], ratios[fastest]["max"],
+                                              goal)}
+    return {"runs": runs, "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- the sides
 
 class Ours:
-    """aropd-mlx `opd` (reverse KL, frozen self-teacher, full fine-tuning) kept loaded, so that
-    it can be timed again between the TRL runs (the machine's load drifts; each TRL run is
-    compared with the mean of our measurements just before and just after it)."""
+    """aropd-mlx `opd` (reverse KL, frozen self-teacher, full fine-tuning) kept loaded; each
+    call of `measure(k)` times k more steps."""
 
-    def __init__(self, model_path, rows: int, max_new_tokens: int, seed: int = 0):
+    def __init__(self, model_path, rows: int, max_new_tokens: int, seed: int = 0,
+                 warmup: int = 1):
         from aropd_mlx.bench.step import setup_run
         from aropd_mlx.optimizer import make_optimizer
 
@@ -103,7 +187,8 @@ class Ours:
         self.optimizer = make_optimizer(self.cfg)
         self.optimizer.init(self.model.trainable_parameters())
         self.rows, self.step, self.lines = rows, 0, []
-        self.measure(0)  # warm-up: compiles
+        for _ in range(max(warmup, 1)):
+            self.measure(0)  # untimed warm-up: compiles
 
     def measure(self, steps: int) -> dict:
         from aropd_mlx import trainer as tr
@@ -119,83 +204,250 @@ class Ours:
                 self.step += 1
                 if steps:
                     self.lines.append(line)
-        return {"step_seconds": wall, "step_cpu_seconds": cpu,
-                "completion_tokens_mean": line["response_tokens"] / self.rows}
+        self.completion_tokens_mean = line["response_tokens"] / self.rows
+        return {"step_seconds": wall, "step_cpu_seconds": cpu}
 
     def split(self) -> dict:
         return {f"{p}_seconds": median([l[f"time_{p}"] for l in self.lines])
                 for p in ("rollout", "scoring", "update")}
 
 
-def _summarize(run: dict, tokens: int) -> None:
-    timed = run["step_seconds"][1:] or run["step_seconds"]
-    run["seconds_per_step"] = median(timed)
-    if run.get("step_cpu_seconds"):
-        run["cpu_seconds_per_step"] = median(run["step_cpu_seconds"][1:] or run["step_cpu_seconds"])
-    run["tokens_per_s"] = tokens / run["seconds_per_step"]
+class PeerError(RuntimeError):
+    pass
 
 
-def bench_peer(model_name: str = "lab", rows: int = 16, max_new_tokens: int = 80, steps: int = 2,
+def trl_command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "aropd_mlx.bench.peer_trl", json.dumps(spec)]
+
+
+class PeerChild:
+    """One child speaking peer_trl's protocol: started (and warmed up) by `start`, then one
+    `run_round()` per round; the child is blocked on stdin between rounds."""
+
+    def __init__(self, name: str, argv: list[str], env: dict | None = None,
+                 start_timeout: float = 1800, round_timeout: float = 1800):
+        self.name, self.argv, self.env = name, argv, env
+        self.start_timeout, self.round_timeout = start_timeout, round_timeout
+        self.lines: queue.Queue = queue.Queue()
+        self.proc = None
+        self.result: dict | None = None
+
+    def start(self) -> None:
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1, env=self.env)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._expect(("WAIT",), self.start_timeout)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                self.lines.put(line[len(PREFIX):].rstrip("\n"))
+        self.lines.put(None)  # EOF
+
+    def _expect(self, kinds: tuple[str, ...], timeout: float) -> tuple[str, dict | None]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.close(kill=True)
+                raise PeerError(f"no {'/'.join(kinds)} within {timeout:.0f}s") from None
+            if line is None:
+                raise PeerError(self._died())
+            kind, _, payload = line.partition(" ")
+            data = json.loads(payload) if payload else None
+            if kind == "RESULT":
+                self.result = data
+            if kind in kinds:
+                return kind, data
+
+    def _died(self) -> str:
+        rc = self.proc.wait()
+        self.err.seek(0)
+        tail = self.err.read().strip().splitlines()[-3:]
+        return f"exit {rc}: " + (" | ".join(tail) or "(nothing on stderr)")
+
+    def run_round(self) -> dict:
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise PeerError(self._died()) from None
+        _, data = self._expect(("ROUND",), self.round_timeout)
+        self._expect(("WAIT", "RESULT"), self.round_timeout)  # idle again before the next side
+        return data
+
+    def finish(self, timeout: float = 120) -> dict | None:
+        """After the last round: the child's RESULT (configuration, completion lengths)."""
+        if self.result is None and self.proc and self.proc.poll() is None:
+            try:
+                self._expect(("RESULT",), timeout)
+            except PeerError:
+                pass
+        self.close()
+        return self.result
+
+    def close(self, kill: bool = False) -> None:
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            try:
+                if kill:
+                    self.proc.kill()
+                else:
+                    self.proc.stdin.write("stop\n")
+                    self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def interleave(sides: dict[str, Callable[[], dict]], rounds: int,
+               log: Callable[[str], None] | None = None):
+    """Run `rounds` rounds; in each, every side's round function in turn (dict order).
+    Returns ({name: [round results]}, {name: error}, order of calls as (round, name)).
+    A side that raises is dropped from the later rounds and recorded as an error."""
+    out = {n: [] for n in sides}
+    errors, order = {}, []
+    for r in range(rounds):
+        for name, fn in sides.items():
+            if name in errors:
+                continue
+            order.append((r, name))
+            try:
+                out[name].append(fn())
+            except Exception as e:  # noqa: BLE001 - one side failing must not end the run
+                errors[name] = str(e) if isinstance(e, PeerError) else f"{type(e).__name__}: {e}"
+        if log:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {median(out[n][-1]['step_seconds']):.3f}s" for n in sides
+                if n not in errors and out[n]))
+    return out, errors, order
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)  # torch brings its own BLAS; keep the MLX preload out of it
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def bench_peer(model_name: str = "lab", rows: int = 16, max_new_tokens: int = 80,
+               rounds: int = 5, steps_per_round: int = 2, warmup: int = 1,
                peers: tuple[str, ...] = PEERS, install: bool = True, seed: int = 0,
-               model_path=None) -> dict:
-    """s/step and tokens/s of ours and of each TRL configuration; speedups over each (median
-    wall seconds, median CPU seconds, and best-of wall seconds), each TRL run against our
-    measurements bracketing it."""
+               model_path=None, device: str = "cpu", child_cmd=trl_command,
+               ours_factory=None, log: Callable[[str], None] | None = None,
+               timeout: float = 1800) -> dict:
+    """Interleaved rounds of ours and every TRL configuration (module docstring): s/step per
+    side with its spread over rounds, TRL / ours ratios per round with theirs, and verdicts.
+
+    device: where TRL runs ("cpu" or "cuda"); MLX runs on its default device (the caller
+    chooses it: aropd_mlx.bench.common.use_device). child_cmd(spec) -> argv of one TRL child;
+    ours_factory(path, rows, max_new_tokens, seed, warmup) -> an object with measure(k)
+    (tests substitute fakes for both)."""
+    if rounds < 1 or steps_per_round < 1:
+        raise ValueError("rounds and steps_per_round must be >= 1")
     path = str(model_path or bench_model(model_name))
     result = {"model": model_name, "rows": rows, "max_new_tokens": max_new_tokens,
-              "steps": steps, "runs": {}, "speedups": {}, "speedups_cpu": {}}
+              "rounds": rounds, "steps_per_round": steps_per_round, "warmup": warmup,
+              "device": device, "runs": {}, "ratios": {}, "speedups": {}}
     tokens = rows * max_new_tokens
-    why = ensure_trl(install)
-    if why:
-        result["skipped"] = why
-        peers = ()
-    elif not has_distillation_trainer():
-        result["note"] = "this TRL has no DistillationTrainer: distill-* skipped"
-        peers = tuple(p for p in peers if not p.startswith("distill"))
-    ours = Ours(path, rows, max_new_tokens, seed)
-    brackets = [ours.measure(steps)]
-    for name in peers:
-        trainer, mode = name.split("-")
-        run = run_trl({"trainer": trainer, "mode": mode, "model": path, "rows": rows,
-                       "max_new_tokens": max_new_tokens, "steps": steps, "seed": seed})
-        brackets.append(ours.measure(steps))
-        result["runs"][f"trl {name}"] = run
-        if "error" in run:
-            continue
-        _summarize(run, tokens)
-        near = {k: brackets[-2][k] + brackets[-1][k] for k in ("step_seconds", "step_cpu_seconds")}
-        result["speedups"][f"trl {name}"] = ratio(run["seconds_per_step"],
-                                                  median(near["step_seconds"]))
-        result.setdefault("speedups_best", {})[f"trl {name}"] = ratio(
-            min(run["step_seconds"][1:] or run["step_seconds"]), min(near["step_seconds"]))
-        if "cpu_seconds_per_step" in run:
-            result["speedups_cpu"][f"trl {name}"] = ratio(run["cpu_seconds_per_step"],
-                                                          median(near["step_cpu_seconds"]))
-    mine = {"step_seconds": [t for b in brackets for t in b["step_seconds"]],
-            "step_cpu_seconds": [t for b in brackets for t in b["step_cpu_seconds"]],
-            "completion_tokens_mean": brackets[-1]["completion_tokens_mean"],
-            "brackets": [median(b["step_seconds"]) for b in brackets], **ours.split()}
-    mine["seconds_per_step"] = median(mine["step_seconds"])
-    mine["cpu_seconds_per_step"] = median(mine["step_cpu_seconds"])
-    mine["tokens_per_s"] = tokens / mine["seconds_per_step"]
-    result["runs"] = {"aropd-mlx opd": mine, **result["runs"]}
+    if child_cmd is trl_command:
+        why = ensure_trl(install)
+        if why:
+            result["skipped"] = why
+            peers = ()
+        elif any(p.startswith("distill") for p in peers) and not has_distillation_trainer():
+            result["note"] = "this TRL has no DistillationTrainer: distill-* skipped"
+            peers = tuple(p for p in peers if not p.startswith("distill"))
+    ours = (ours_factory or Ours)(path, rows, max_new_tokens, seed, warmup)
+    sides: dict[str, Callable[[], dict]] = {OURS: lambda: ours.measure(steps_per_round)}
+    children, errors = [], {}
+    try:
+        for name in peers:  # one at a time: each loads and warms up while the others wait
+            trainer, mode = name.split("-")
+            spec = {"trainer": trainer, "mode": mode, "model": path, "rows": rows,
+                    "max_new_tokens": max_new_tokens, "seed": seed, "warmup": warmup,
+                    "rounds": rounds, "steps_per_round": steps_per_round, "device": device}
+            child = PeerChild(f"trl {name}", child_cmd(spec), _child_env(), timeout, timeout)
+            if log:
+                log(f"  starting {child.name} (load + {warmup} warm-up step)")
+            try:
+                child.start()
+            except (PeerError, OSError) as e:
+                errors[child.name] = str(e)
+                child.close(kill=True)
+                continue
+            children.append(child)
+            sides[child.name] = child.run_round
+        per_round, round_errors, order = interleave(sides, rounds, log)
+    except BaseException:  # interrupted: no child outlives us
+        for child in children:
+            child.close(kill=True)
+        raise
+    errors.update(round_errors)
+    meta = {c.name: c.finish() for c in children}
+    done = {n: rs for n, rs in per_round.items() if n not in errors and len(rs) == rounds}
+    if OURS not in done:
+        raise RuntimeError(f"peer: our side failed: {errors.get(OURS)}")
+    agg = aggregate(done, tokens, model_name)
+    result["order"] = [f"{r}:{n}" for r, n in order]
+    result["runs"] = agg["runs"]
+    result["ratios"] = agg["ratios"]
+    result["speedups"] = {n: r["median"] for n, r in agg["ratios"].items() if n != FASTEST}
+    result["speedups_cpu"] = {n: r["cpu_median"] for n, r in agg["ratios"].items()
+                              if "cpu_median" in r and n != FASTEST}
+    mine = result["runs"][OURS]
+    mine["completion_tokens_mean"] = getattr(ours, "completion_tokens_mean", None)
+    if hasattr(ours, "split"):
+        mine.update(ours.split())
+    for name, m in meta.items():
+        if name in result["runs"] and m:
+            result["runs"][name].update({k: v for k, v in m.items() if k not in result["runs"][name]})
+    runs = result["runs"]
+    for name, err in errors.items():
+        runs[name] = {"error": err}
+    order = [OURS] + [f"trl {p}" for p in peers]
+    result["runs"] = {n: runs[n] for n in order if n in runs}
     return result
 
 
+def _range(s: dict, fmt: str) -> str:
+    return f"[{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+
 def format_peer(r: dict) -> str:
-    out = [f"peer [{r['model']}] {r['rows']} rows x {r['max_new_tokens']} tokens, "
-           f"{r['steps']} timed steps (after 1 warm-up); ours timed around every TRL run"]
+    sides = ", ".join(r["runs"]) or OURS
+    out = [f"peer [{r['model']}] {r['rows']} rows x {r['max_new_tokens']} tokens, TRL on "
+           f"{r.get('device', 'cpu')}: {r['rounds']} rounds x {r['steps_per_round']} timed steps "
+           f"per side after {r.get('warmup', 1)} warm-up step, round-robin ({sides})",
+           f"  {'side':24} {'s/step median':>13} {'[min-max over rounds]':>22} {'tok/s':>9}"]
     for name, run in r["runs"].items():
         if "error" in run:
-            out.append(f"  {name:20} error: {run['error']}")
+            out.append(f"  {name:24} error: {run['error']}")
             continue
-        sp, spc = r["speedups"].get(name), r.get("speedups_cpu", {}).get(name)
-        out.append(f"  {name:20} {run['seconds_per_step']:8.2f} s/step {run['tokens_per_s']:9.1f} "
-                   f"tok/s" + (f"   ours {sp:.2f}x as fast" if sp else "")
-                   + (f" ({spc:.2f}x in CPU s, {r['speedups_best'][name]:.2f}x best-of)"
-                      if spc else ""))
+        out.append(f"  {name:24} {run['seconds_per_step']:13.3f} "
+                   f"{_range(run['spread'], '.3f'):>22} {run['tokens_per_s'] or 0:9.1f}")
+    if r.get("ratios"):
+        out.append(f"  {'ours N x as fast (TRL/ours)':29} {'median':>8} {'[min-max over rounds]':>22}"
+                   f"   goal     verdict")
+        for name, q in r["ratios"].items():
+            label = f"vs {name}" + (f" ({q['config'][4:]})" if "config" in q else "")
+            goal = f">= {q['goal']:g}x" if q.get("goal") else "-"
+            v = q["verdict"]
+            if v == "straddles":
+                v = "STRADDLES: the spread crosses the goal, no claim either way"
+            out.append(f"  {label:29} {q['median']:7.2f}x {_range(q, '.2f'):>22}   {goal:8} {v}")
     for key in ("skipped", "note"):
         if key in r:
             out.append(f"  ({r[key]})")
-    out.append("  goals: >= 1.2x TRL tuned, >= 3x TRL defaults")
+    g = peer_goals(r["model"])
+    out.append(f"  goals: ours >= {g[FASTEST]:g}x TRL's fastest configuration on this model, "
+               f">= {g['trl gkd-default']:g}x TRL GKD defaults; a verdict is yes/NO only when "
+               "every round agrees")
     return "\n".join(out)

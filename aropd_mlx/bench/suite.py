@@ -6,8 +6,8 @@
 
 Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, time split),
 step (full-step MFU on the 56M llama), objective (fused vs naive loss, owned by
-aropd_mlx.bench.objective), peer (opd vs TRL on torch CPU). Every ratio is measured inside one
-run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
+aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds). Every
+ratio is measured inside one run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ SIZES = {
              "quick": [("lab", dict(batch=2, group=1, max_new_tokens=8, steps=1))]},
     "objective": {"default": [(None, dict(vocab=151936, hidden=896, seq=1024, repeats=1))],
                   "quick": [(None, dict(vocab=4096, hidden=64, seq=128, repeats=1))]},
-    "peer": {"default": [("lab", dict(rows=16, max_new_tokens=80, steps=2)),
-                         ("56m", dict(rows=8, max_new_tokens=32, steps=1))],
-             "quick": [("lab", dict(rows=2, max_new_tokens=8, steps=1))]},
+    # peer: every side runs rounds x steps_per_round timed steps, interleaved round by round
+    "peer": {"default": [("lab", dict(rows=16, max_new_tokens=80, rounds=5, steps_per_round=2)),
+                         ("56m", dict(rows=8, max_new_tokens=32, rounds=5, steps_per_round=2))],
+             "quick": [("lab", dict(rows=2, max_new_tokens=8, rounds=2, steps_per_round=1))]},
 }
 
 
@@ -72,9 +73,14 @@ def goal_rows(bench: str, r: dict) -> list[dict]:
         if "skipped" in r:
             rows.append({"benchmark": bench, "model": m, "measure": r["skipped"], "result": "-",
                          "goal": "-", "met": "-"})
-        for name, sp in r.get("speedups", {}).items():
-            goal, need = ((">= 1.2x", 1.2) if name.endswith("tuned") else (">= 3x", 3.0))
-            _goal(rows, bench, m, f"opd speed vs {name}", sp, goal, lambda v, n=need: v >= n)
+        for name, q in r.get("ratios", {}).items():
+            label = name if "config" not in q else f"{name} ({q['config'][4:]})"
+            rows.append({"benchmark": bench, "model": m,
+                         "measure": f"opd speed vs {label}, median [min-max] of "
+                                    f"{q.get('n', '?')} rounds",
+                         "result": f"{q['median']:.2f}x [{q['min']:.2f}-{q['max']:.2f}]",
+                         "goal": f">= {q['goal']:g}x" if q.get("goal") else "-",
+                         "met": q.get("verdict", "-")})
     return rows
 
 
@@ -105,6 +111,12 @@ def machine_info() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "blas": blas_line(),
             "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    try:
+        import mlx.core as mx
+
+        info["mlx_device"] = str(mx.default_device())
+    except Exception:  # noqa: BLE001 - recorded, never fatal
+        info["mlx_device"] = None
     for dist in ("mlx", "mlx-lm", "torch", "transformers", "trl"):
         try:
             from importlib.metadata import version
@@ -127,10 +139,17 @@ def busy_note(machine: dict) -> str | None:
 
 def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None = None,
               install: bool = True, echo: Callable[[str], None] = print,
-              sizes: dict | None = None) -> dict:
-    """Run the named benchmarks; returns {"machine", "results", "table"} (JSON-ready)."""
+              sizes: dict | None = None, device: str = "auto",
+              peer_options: dict | None = None) -> dict:
+    """Run the named benchmarks; returns {"machine", "results", "table"} (JSON-ready).
+
+    device: auto | cpu | cuda (aropd_mlx.bench.common.use_device: MLX's device, and where the
+    peer's TRL runs). peer_options: overrides for bench_peer (rounds, steps_per_round)."""
+    from aropd_mlx.bench.common import use_device
+
+    device = use_device(device)
     out = {"machine": machine_info(), "size": "quick" if quick else "default",
-           "results": {}, "table": []}
+           "device": device, "results": {}, "table": []}
     if busy_note(out["machine"]):
         echo(busy_note(out["machine"]))
     for bench in which:
@@ -143,7 +162,8 @@ def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None
             if model is not None:
                 args["model_name"] = model
             if bench == "peer":
-                args["install"] = install
+                args.update(install=install, device=device, log=echo,
+                            **{k: v for k, v in (peer_options or {}).items() if v is not None})
             echo(f"== {bench}" + (f" [{model}]" if model else "") + " ...")
             t0 = time.perf_counter()
             result = fn(**args)

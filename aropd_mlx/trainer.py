@@ -160,7 +160,7 @@ def accumulate(cfg, model, scored: Scored, settings: ObjectiveSettings, *,
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     model.train()  # dropout (if any) in the student's update only, not in rollouts or scoring
-    for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size):
+    for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size or 0):
         (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
         grads = g if grads is None else tree_map_add(grads, g)
         m = valid[sl]
@@ -214,7 +214,8 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
     if views:
         with teacher.active(model) as scorer:  # each view is projected by its own model's head
             scored.teacher_h = score_views(scorer, {v: rows[v] for v in views},
-                                           np.array(resp.tokens), resp.lengths, pad_id)
+                                           np.array(resp.tokens), resp.lengths, pad_id,
+                                           micro_batch=cfg.train.scoring_micro_batch or 0)
             scored.teacher_head = head_from_model(scorer)
     t2 = time.perf_counter()
     acc = accumulate(cfg, model, scored, settings, tracker=tracker, world=world,

@@ -38,7 +38,7 @@ from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
 from aropd_mlx.head import OutputHead, head_from_model
-from aropd_mlx.models import Teacher, save_adapters, trainable
+from aropd_mlx.models import Teacher, checkpointed_layers, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
 from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
@@ -161,7 +161,8 @@ def accumulate(cfg, model, scored: Scored, settings: ObjectiveSettings, *,
     value_and_grad = nn.value_and_grad(model, loss_fn)
     model.train()  # dropout (if any) in the student's update only, not in rollouts or scoring
     for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size or 0):
-        (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
+        with checkpointed_layers(model, bool(cfg.train.grad_checkpoint)):  # these layers only
+            (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
         grads = g if grads is None else tree_map_add(grads, g)
         m = valid[sl]
         sums = {k: (v * m).sum() for k, v in out.diagnostics.items()}

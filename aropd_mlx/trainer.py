@@ -38,6 +38,7 @@ from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
 from aropd_mlx.head import OutputHead, head_from_model
+from aropd_mlx.memory import plan_for_run
 from aropd_mlx.models import Teacher, checkpointed_layers, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
 from aropd_mlx.optimizer import make_optimizer, optimizer_step
@@ -302,19 +303,22 @@ def restore(run_dir: Path, model, optimizer, teacher: Teacher,
 def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
           resume: bool = False, on_step: Callable[[dict], None] | None = None,
           stop_after: int | None = None, overwrite: bool = False,
-          run: RunDir | None = None) -> dict:
+          run: RunDir | None = None, on_plan: Callable[[str], None] | None = None) -> dict:
     """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
 
     A directory holding a previous run is refused unless `resume` (continue it) or `overwrite`
     (replace it, once the new run has its first checkpoint); `run`: a RunDir the caller holds
-    (the CLI: its lock then covers the evaluations around training). `stop_after`: return after
+    (the CLI: its lock then covers the evaluations around training). Before the first step the
+    memory plan (memory.py) fills in the micro-batches and checkpointing the config leaves
+    open, and `on_plan` gets its one line; a run that cannot fit stops here, having written
+    nothing. `stop_after`: return after
     this many steps of this call (tests of interruption). A failed write in the run directory
     (a full disk) is a one-line UserError."""
     run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
     try:
         with run:
             return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
-                          on_step=on_step, stop_after=stop_after, run=run)
+                          on_step=on_step, stop_after=stop_after, run=run, on_plan=on_plan)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -323,7 +327,7 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
-           run: RunDir) -> dict:
+           run: RunDir, on_plan: Callable[[str], None] | None = None) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
     if cfg.train.batch_size < world.size:
@@ -331,6 +335,10 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                         "ranks: each rank needs at least one prompt per step")
     encoder = PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
+    plan = plan_for_run(cfg, model, encoder, examples)  # too big: fails before anything is written
+    cfg = plan.apply(cfg)
+    if on_plan is not None and world.is_main:
+        on_plan(plan.line())
     if world.is_main:  # only rank 0 writes in the run directory (and holds its lock)
         run_dir = run.open()  # --overwrite: a staging directory until the first checkpoint
         save_config(cfg, run_dir / "config.yaml")

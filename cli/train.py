@@ -5,6 +5,7 @@
     aropd-mlx train --out runs/qwen --resume         # continue an interrupted run (or: the same
                                                      #  command plus --resume)
     aropd-mlx train ... --out runs/qwen --overwrite  # replace the run in runs/qwen
+    aropd-mlx train -c qwen.yaml --memory-limit 12GB --dry-run   # the memory plan, nothing run
     aropd-mlx eval --adapter runs/qwen --data held_out.jsonl
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "lam": "objective.lam", "alpha": "objective.alpha", "teacher": "model.teacher",
              "seed": "train.seed", "batch_size": "train.batch_size", "lr": "train.learning_rate",
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
-             "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code"}
+             "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
+             "memory_limit": "train.memory_limit"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
@@ -215,6 +217,11 @@ def train_command(
     eval_data: Optional[str] = typer.Option(None, help="Held-out JSONL for before/after evaluation."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=(
+        "Peak memory the step must fit, e.g. 12GB (default: 70% of this machine's memory); the "
+        "memory plan picks micro-batches and checkpointing to fit it.")),
+    dry_run: bool = typer.Option(False, "--dry-run", help=(
+        "Print the memory plan and exit: nothing is trained or written.")),
 ):
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end.
 
@@ -234,17 +241,28 @@ def train_command(
     flags = dict(model=model, data=data, method=method, steps=steps, save_every=save_every,
                  out=out, lam=lam, clip=_clip_value(clip), alpha=alpha, teacher=teacher, seed=seed,
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
-                 lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code)
+                 lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
+                 memory_limit=memory_limit)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
-    check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
+    if not dry_run:
+        check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples, eval_examples = train_and_eval(cfg.data, need)  # data.eval or eval_fraction held out
     student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
     teacher_ = Teacher.create(student, tokenizer, cfg.model)
+    from aropd_mlx.batches import PromptEncoder
     from aropd_mlx.distributed import init
+    from aropd_mlx.memory import plan_for_run
+
+    plan = plan_for_run(cfg, student, PromptEncoder(cfg, tokenizer), examples)  # too big: stops
+    if init().is_main:
+        typer.echo(plan.line(), err=dry_run is False)
+    if dry_run:
+        return
+    cfg = plan.apply(cfg)  # the run (and its config.yaml) with the planned settings
 
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
         train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,29 +114,42 @@ def _measure(fn):
     return out, mx.get_peak_memory(), time.perf_counter() - t0
 
 
-def bench_memory(shape: str = "qwen2.5-0.5b", layers: int | None = 4, rows: int = 16,
+def default_dtype() -> str:
+    """bfloat16 (what Qwen2.5 ships) on a GPU; float32 on the CPU backend, whose bf16 matmuls
+    run about 10x slower (the plan's bytes per activation follow the dtype)."""
+    import mlx.core as mx
+
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows: int = 8,
                  group: int = 4, student_prompt: int = 256, view_prompt: int = 768,
                  response: int = 1024, lora_rank: int = 16, fine_tune: str = "lora",
-                 dtype: str = "bfloat16", scoring_rows: int | None = None,
+                 dtype: str | None = None, scoring_rows: int | None = None,
                  update_rows: int | None = None, checkpoint: bool | None = None,
                  memory_limit: str | None = None, seed: int = 0, model_path=None) -> dict:
     """One AR-OPD step at these shapes; per phase the plan's prediction and the measured peak.
     Micro-batches and checkpointing: as given, else the plan's choice under `memory_limit`
     (default: the plan's default, a share of this machine's memory)."""
+    import gc
+
     import mlx.core as mx
 
     from aropd_mlx import trainer as tr
     from aropd_mlx.batches import Encoded
     from aropd_mlx.config import load_config
     from aropd_mlx.head import head_from_model
-    from aropd_mlx.memory import ModelShape, RunShape, make_plan, memory_limit as limit_of
+    from aropd_mlx.memory import ModelShape, RunShape, make_plan, memory_limit as limit_of, predict
     from aropd_mlx.models import Teacher, load_student
     from aropd_mlx.optimizer import make_optimizer
     from aropd_mlx.prefix import dedupe, expand, prefill
     from aropd_mlx.rollout import make_rollout_sampler, pad_responses
     from aropd_mlx.scoring import score_views
 
-    path = model_path or build_qwen_shaped(shape, layers, dtype)
+    dtype = dtype or default_dtype()
+    gc.collect()
+    mx.clear_cache()
+    path = model_path or build_qwen_shaped(model_name, layers, dtype)
     over = {"model.path": str(path), "model.fine_tune_type": fine_tune,
             "model.lora_rank": lora_rank, "train.method": "ar-opd",
             "train.batch_size": max(1, rows // group), "rollout.group_size": group,
@@ -154,7 +168,7 @@ def bench_memory(shape: str = "qwen2.5-0.5b", layers: int | None = 4, rows: int 
     cfg = plan.apply(cfg)
     n = cfg.train.batch_size * group
     rng = np.random.default_rng(seed)
-    vocab_hi = min(QWEN_VOCAB, 100)  # char tokens; the ids only need to be valid
+    vocab_hi = min(mshape.vocab, 100)  # char tokens; the ids only need to be valid
 
     def ids(k):
         return [1] + rng.integers(3, vocab_hi, size=k - 1).tolist()
@@ -188,26 +202,43 @@ def bench_memory(shape: str = "qwen2.5-0.5b", layers: int | None = 4, rows: int 
         tr.apply_update(cfg, model, optimizer, acc)
 
     measured, seconds = {}, {}
+    resident = mx.get_active_memory()  # weights, adapters, teacher snapshot, optimizer state
     _, measured["rollout"], seconds["rollout"] = _measure(rollout)
     scored, measured["scoring"], seconds["scoring"] = _measure(scoring)
     _, measured["update"], seconds["update"] = _measure(lambda: update(scored))
-    return {"shape": shape, "layers": mshape.layers, "dtype": dtype, "fine_tune": fine_tune,
+    from aropd_mlx.optimizer import _STEPS
+
+    _STEPS.pop(optimizer, None)  # its compiled step holds the model: free it for the next run
+    full = SHAPES.get(model_name, {}).get("layers", mshape.layers)
+    at_full = predict(replace(mshape, layers=full), run, plan.scoring_rows, plan.update_rows,
+                      plan.checkpoint)
+    return {"model": model_name, "layers": mshape.layers, "full_layers": full, "dtype": dtype, "fine_tune": fine_tune,
             "rows": n, "group": group, "student_prompt": student_prompt,
             "view_prompt": view_prompt, "response": response, "lora_rank": lora_rank,
             "scoring_rows": plan.scoring_rows, "update_rows": plan.update_rows,
-            "checkpoint": plan.checkpoint, "plan_line": plan.line(),
+            "checkpoint": plan.checkpoint, "plan_line": plan.line(), "resident": resident,
             "predicted": dict(plan.phases), "measured": measured, "seconds": seconds,
-            "ratio": {p: measured[p] / plan.phases[p] for p in PHASES}}
+            "ratio": {p: measured[p] / plan.phases[p] for p in PHASES},
+            # the per-layer extrapolation: the plan at full depth, and the measured peak plus
+            # the plan's per-layer part for the missing layers
+            "predicted_full_depth": at_full,
+            "extrapolated_full_depth": {p: measured[p] + at_full[p] - plan.phases[p]
+                                        for p in PHASES}}
 
 
 def format_memory(r: dict) -> str:
-    head = (f"memory [{r['shape']} {r['layers']} layers {r['dtype']} {r['fine_tune']}] "
+    head = (f"memory [{r['model']} {r['layers']} layers {r['dtype']} {r['fine_tune']}] "
             f"{r['rows']} rows (G={r['group']}), prompts {r['student_prompt']}/{r['view_prompt']}, "
             f"rollouts {r['response']}: scoring {r['scoring_rows']} rows, update "
             f"{r['update_rows']}, checkpointing {'on' if r['checkpoint'] else 'off'}")
-    out = [head]
+    out = [head, f"  resident before the step (weights, adapters, teacher, AdamW) "
+                 f"{r['resident'] / 1e9:.2f} GB"]
     for p in PHASES:
         out.append(f"  {p:8} predicted {r['predicted'][p] / 1e9:6.2f} GB  measured "
                    f"{r['measured'][p] / 1e9:6.2f} GB  measured/predicted "
                    f"{r['ratio'][p]:.2f}  ({r['seconds'][p]:.1f}s)")
+    if r["layers"] < r["full_layers"]:
+        out.append(f"  at full depth ({r['full_layers']} layers): planned "
+                   f"{max(r['predicted_full_depth'].values()) / 1e9:.2f} GB, extrapolated from "
+                   f"the measured {max(r['extrapolated_full_depth'].values()) / 1e9:.2f} GB")
     return "\n".join(out)

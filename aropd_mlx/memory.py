@@ -82,9 +82,9 @@ def parse_size(text, key: str = "memory limit") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def gb(n: float) -> str:
+def gb(n: float, digits: int = 1) -> str:
     """Bytes as GB (one decimal), or MB below 0.1 GB (a tiny model's plan is not "0.0 GB")."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.{digits}f} GB" if n >= 1e8 else f"{n / 1e6:.{digits}f} MB"
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ entries to 151,936; nothing downloaded), optionally cut to their first few layer
 step runs at real per-row shapes on replayed rollouts (random response tokens, no generation):
 student prompt 256 tokens, privileged views 768, rollouts 1024, 4 responses per prompt, LoRA
 rank 16 on every linear layer. Each phase is measured on its own (mx.reset_peak_memory before,
-mx.get_peak_memory after; the peak includes the weights, adapters, optimizer state and
-whatever the phase holds):
+mx.get_peak_memory after, less the arrays other work in the process held before; the peak
+includes the weights, adapters, optimizer state and whatever the phase holds):
 - rollout: the student's real decode path (prefix.prefill with the cache allocated at full
   length, expand to the rows, then ROLLOUT_STEPS decode steps with sampling). The cache never
   grows after the start, so the peak of the first steps is the rollout's peak;
@@ -149,6 +149,7 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     dtype = dtype or default_dtype()
     gc.collect()
     mx.clear_cache()
+    other = mx.get_active_memory()  # arrays of whatever ran before in this process: not ours
     path = model_path or build_qwen_shaped(model_name, layers, dtype)
     over = {"model.path": str(path), "model.fine_tune_type": fine_tune,
             "model.lora_rank": lora_rank, "train.method": "ar-opd",
@@ -202,17 +203,18 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
         tr.apply_update(cfg, model, optimizer, acc)
 
     measured, seconds = {}, {}
-    resident = mx.get_active_memory()  # weights, adapters, teacher snapshot, optimizer state
+    resident = mx.get_active_memory() - other  # weights, adapters, teacher, optimizer state
     _, measured["rollout"], seconds["rollout"] = _measure(rollout)
     scored, measured["scoring"], seconds["scoring"] = _measure(scoring)
     _, measured["update"], seconds["update"] = _measure(lambda: update(scored))
+    measured = {k: v - other for k, v in measured.items()}
     from aropd_mlx.optimizer import _STEPS
 
     _STEPS.pop(optimizer, None)  # its compiled step holds the model: free it for the next run
-    full = SHAPES.get(model_name, {}).get("layers", mshape.layers)
+    full = mshape.layers if model_path else SHAPES[model_name]["layers"]
     at_full = predict(replace(mshape, layers=full), run, plan.scoring_rows, plan.update_rows,
                       plan.checkpoint)
-    return {"model": model_name, "layers": mshape.layers, "full_layers": full, "dtype": dtype, "fine_tune": fine_tune,
+    return {"model": Path(model_path).name if model_path else model_name, "layers": mshape.layers, "full_layers": full, "dtype": dtype, "fine_tune": fine_tune,
             "rows": n, "group": group, "student_prompt": student_prompt,
             "view_prompt": view_prompt, "response": response, "lora_rank": lora_rank,
             "scoring_rows": plan.scoring_rows, "update_rows": plan.update_rows,
@@ -231,14 +233,20 @@ def format_memory(r: dict) -> str:
             f"{r['rows']} rows (G={r['group']}), prompts {r['student_prompt']}/{r['view_prompt']}, "
             f"rollouts {r['response']}: scoring {r['scoring_rows']} rows, update "
             f"{r['update_rows']}, checkpointing {'on' if r['checkpoint'] else 'off'}")
+    from functools import partial
+
+    from aropd_mlx.memory import gb
+
+    gb = partial(gb, digits=2)
+
     out = [head, f"  resident before the step (weights, adapters, teacher, AdamW) "
-                 f"{r['resident'] / 1e9:.2f} GB"]
+                 f"{gb(r['resident'])}"]
     for p in PHASES:
-        out.append(f"  {p:8} predicted {r['predicted'][p] / 1e9:6.2f} GB  measured "
-                   f"{r['measured'][p] / 1e9:6.2f} GB  measured/predicted "
+        out.append(f"  {p:8} predicted {gb(r['predicted'][p]):>9}  measured "
+                   f"{gb(r['measured'][p]):>9}  measured/predicted "
                    f"{r['ratio'][p]:.2f}  ({r['seconds'][p]:.1f}s)")
     if r["layers"] < r["full_layers"]:
         out.append(f"  at full depth ({r['full_layers']} layers): planned "
-                   f"{max(r['predicted_full_depth'].values()) / 1e9:.2f} GB, extrapolated from "
-                   f"the measured {max(r['extrapolated_full_depth'].values()) / 1e9:.2f} GB")
+                   f"{gb(max(r['predicted_full_depth'].values()))}, extrapolated from "
+                   f"the measured {gb(max(r['extrapolated_full_depth'].values()))}")
     return "\n".join(out)

@@ -259,7 +259,7 @@ class MemoryPlan:
 
     @property
     def peak(self) -> float:
-        return max(self.phases.values())
+        return max(self.phases.values(), default=0.0)
 
     @property
     def fits(self) -> bool:
@@ -270,6 +270,10 @@ class MemoryPlan:
             return "all rows" if n >= self.rows else f"{n} row{'s' if n != 1 else ''}"
 
         phases = ", ".join(f"{k} {gb(v)}" for k, v in self.phases.items() if v)
+        if not self.phases:  # a model the plan cannot read: the settings as configured
+            return (f"memory plan: no prediction for this model ({self.limit_note}); scoring "
+                    f"{rows(self.scoring_rows)} at a time, update {rows(self.update_rows)}, "
+                    f"checkpointing {'on' if self.checkpoint else 'off'}, as configured")
         text = (f"memory plan: scoring {rows(self.scoring_rows)} at a time, update "
                 f"{rows(self.update_rows)}, checkpointing {'on' if self.checkpoint else 'off'}: "
                 f"predicted peak {gb(self.peak)} of {gb(self.limit)} ({phases}; "
@@ -387,4 +391,10 @@ def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
     lengths = prompt_lengths(cfg, encoder, examples, ("student",) + tuple(views))
     run = RunShape.from_config(cfg, lengths["student"], {v: lengths[v] for v in views})
     limit, note = memory_limit(cfg)
-    return make_plan(ModelShape.from_model(model), run, cfg.train, limit, note)
+    try:
+        shape = ModelShape.from_model(model)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+        t = cfg.train  # an architecture whose config the plan cannot read: nothing is chosen
+        return MemoryPlan(limit, f"{type(e).__name__}: {e}", t.scoring_micro_batch or run.rows,
+                          t.micro_batch_size or run.rows, bool(t.grad_checkpoint), {}, run.rows)
+    return make_plan(shape, run, cfg.train, limit, note)

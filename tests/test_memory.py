@@ -154,3 +154,18 @@ def test_training_runs_the_planned_micro_batches(run_args, monkeypatch):
     chosen = (saved["scoring_micro_batch"], saved["micro_batch_size"], saved["grad_checkpoint"])
     assert min(chosen[:2]) < 4 and all(x is not None for x in chosen), res.stderr
     assert "memory plan:" in res.stderr
+
+
+def test_a_model_the_plan_cannot_read_keeps_the_configured_settings(tiny_llama):
+    from aropd_mlx.batches import PromptEncoder
+    from aropd_mlx.memory import plan_for_run
+    from aropd_mlx.models import load_student
+
+    from helpers import lab_examples, tiny_config
+
+    cfg = tiny_config(tiny_llama, "/nonexistent/out", **{"train.micro_batch_size": 2})
+    model, tok = load_student(cfg.model)
+    del model.args.hidden_size  # an architecture whose config the plan does not know
+    plan = plan_for_run(cfg, model, PromptEncoder(cfg, tok), lab_examples(4))
+    assert plan.update_rows == 2 and not plan.checkpoint and plan.scoring_rows == 8
+    assert plan.line().startswith("memory plan: no prediction for this model")

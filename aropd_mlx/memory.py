@@ -372,9 +372,10 @@ def _too_big(m: ModelShape, r: RunShape, plan: MemoryPlan) -> str:
 
 
 def prompt_lengths(cfg, encoder, examples, views, sample: int = 256) -> dict[str, int]:
-    """The longest prompt per view over the data (or its first `sample` examples)."""
+    """The longest prompt per view over the data, or over `sample` examples spread evenly
+    through it (a longer prompt elsewhere can make the real peak exceed the plan's)."""
     longest = {v: 1 for v in views}
-    for ex in examples[:sample]:
+    for ex in examples[::max(1, len(examples) // sample)][:sample]:
         enc = encoder(ex)
         if enc is None:  # past data.max_prompt_tokens: skipped by the run as well
             continue

@@ -304,7 +304,10 @@ def memory_limit(cfg) -> tuple[int, str]:
 
 
 def _largest(fits, n: int) -> int | None:
-    """The largest k in 1..n with fits(k) (fits is monotone: smaller k use less)."""
+    """The largest k in 1..n with fits(k) (monotone below n; n itself is checked first, as
+    one pass over all rows skips the scoring's concatenation of micro-batches)."""
+    if fits(n):
+        return n
     if not fits(1):
         return None
     lo, hi = 1, n

@@ -96,3 +96,14 @@ def test_warm_start_trains_long_problems_through_privileged_views_only(tmp_path)
     assert l.prompts["student"] == l.prompts["partial"] != l.prompts["full"]
     assert warm_encoder(replace(settings, student_view_k_max=0), cfg, tok)(long).prompts[
         "student"] != l.prompts["partial"]
+
+
+def test_dev_problems_are_apart_from_the_held_out_set():
+    from aropd_mlx.lab.measure import dev_examples
+    from aropd_mlx.lab.setup import eval_examples
+
+    s = replace(SMALL, eval_ks=(6, 8), n_eval_per_k=40)
+    dev, held = dev_examples(s), eval_examples(s)
+    assert len(dev) == len(held) == 80
+    assert [len(e.question) for e in dev] == [len(e["question"]) for e in held]  # same k layout
+    assert len({e.question for e in dev} & {e["question"] for e in held}) <= 2  # drawn apart

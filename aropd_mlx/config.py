@@ -29,16 +29,32 @@ from aropd_mlx.views import METHODS, ViewSettings  # noqa: F401 - METHODS: confi
 
 @dataclass(frozen=True)
 class DataSettings:
-    train: str = "lab"  # a JSONL path, hf://datasets/OWNER/NAME/file.jsonl, or "lab"
-    eval: str | None = None  # held-out JSONL; None: `eval_fraction` of train (or the lab's set)
+    # a file (JSONL, JSON, Parquet, CSV), a folder, hf://datasets/OWNER/NAME[/path], or "lab"
+    train: str = "lab"
+    eval: str | None = None  # held-out data, same forms; None: `eval_fraction` of train (or the lab's set)
     eval_fraction: float = 0.0  # without `eval`: this share of train held out (data.split), not trained on
     max_prompt_tokens: int = 2048  # longer prompts are skipped and counted (see README)
+    split: str = "train"  # the split of `train` when it is a folder or a dataset with splits
+    eval_split: str | None = None  # the split of `eval`; None: validation, else test
+    columns: dict[str, str] | None = None  # our field -> its column: {question: problem}
+    answer_from: str | None = None  # boxed | last_number | "####" | auto: the answer from the solution
 
     def validate(self) -> None:
+        from aropd_mlx.data import ANSWER_RULES, COLUMN_FIELDS
+
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_prompt_tokens < 1:
             raise UserError("data.max_prompt_tokens must be >= 1")
+        for name, column in (self.columns or {}).items():
+            if name not in COLUMN_FIELDS:
+                raise UserError(f"data.columns.{name}: unknown field (map {', '.join(COLUMN_FIELDS)}"
+                                " to the dataset's column names)")
+            if not column:
+                raise UserError(f"data.columns.{name}: empty column name")
+        if self.answer_from is not None and self.answer_from not in ANSWER_RULES:
+            raise UserError(f"data.answer_from must be one of {', '.join(ANSWER_RULES)}, "
+                            f"got {self.answer_from!r}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,11 @@ def _check_type(value, annotation, key: str):
         if isinstance(value, str):
             return value
         raise UserError(f"{key}: expected a string, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping (name: value lines), got {value!r}")
+        kt, vt = typing.get_args(hint) or (str, str)
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     return value
 
 

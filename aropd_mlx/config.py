@@ -207,7 +207,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
 
     An error names where the bad value came from: `--flag` (`flag_names` maps dotted keys to
     the flags that set them), `file.yaml:LINE`, or the key alone."""
-    data, lines = merge({}, base or {}), {}  # base: dotted keys, like overrides
+    data, lines, aliases = merge({}, base or {}), {}, {}  # base: dotted keys, like overrides
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -224,6 +224,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if not isinstance(loaded, dict):
             raise UserError(f"{path}:1: expected a mapping (key: value) at the top level")
         lines = _key_lines(text)
+        from aropd_mlx.mlxlm_config import is_mlx_lm_config
+
+        if is_mlx_lm_config(loaded):  # written for mlx_lm.lora: its keys, read as ours
+            loaded, lines, aliases = _from_mlx_lm(loaded, lines, path)
         try:
             data = merge(data, _flatten(loaded))
         except UserError as e:
@@ -232,7 +236,33 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     try:
         return _build(RunConfig, merge(data, overrides or {}), "").validate()
     except UserError as e:
-        raise UserError(_locate(str(e), path, lines, flags)) from None
+        raise UserError(_locate(str(e), path, lines, flags, aliases)) from None
+
+
+def _from_mlx_lm(loaded: dict, lines: dict[str, int], path: Path):
+    """An mlx-lm config as ours: (tree, our key -> its line, our key -> the mlx-lm key)."""
+    from aropd_mlx.errors import note
+    from aropd_mlx.mlxlm_config import OUR_SECTIONS, translate
+
+    tree, origin, notes = translate(
+        loaded, lambda key: f"{path}:{lines[key]}" if key in lines else str(path))
+    for message in notes:
+        note(f"{path}: {message}")
+    ours = {k: n for k, n in lines.items() if k.split(".")[0] in OUR_SECTIONS}
+    ours.update({k: lines[src] for k, src in origin.items() if src in lines})
+    return tree, ours, origin
+
+
+def yaml_keys(path) -> set[str]:
+    """The dotted keys (ours) a YAML config file sets, an mlx-lm config's once translated."""
+    from aropd_mlx.mlxlm_config import is_mlx_lm_config, translate
+
+    if path is None:
+        return set()
+    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if is_mlx_lm_config(tree):
+        tree = translate(tree, str)[0]
+    return set(_flatten(tree))
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -253,7 +283,8 @@ def _key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str]) -> str:
+def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str],
+            aliases: dict[str, str] | None = None) -> str:
     """Prefix a config error with the flag or the file:line that set the key it names first."""
     found = []
     for key in set(lines) | set(flags):
@@ -262,7 +293,10 @@ def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str]) ->
             found.append((m.start(), -len(key), key))
     if found:
         key = min(found)[2]
-        return f"{flags[key]}: {message}" if key in flags else f"{path}:{lines[key]}: {message}"
+        if key in flags:
+            return f"{flags[key]}: {message}"
+        alias = f" (mlx-lm's {aliases[key]})" if aliases and key in aliases else ""
+        return f"{path}:{lines[key]}: {message}{alias}"
     return f"{path}: {message}" if path is not None else message
 
 

@@ -115,7 +115,8 @@ def _file_split(rel: str) -> str | None:
 
 def _select_split(files: list[str], split: str | None, shown: str) -> list[str]:
     """The files (paths relative to the folder) of `split` (None: the first of EVAL_SPLITS)."""
-    files = sorted(f for f in files if _suffix(f))
+    files = sorted(f for f in files if _suffix(f)  # hidden folders (.cache, .git): never data
+                   and not any(part.startswith(".") for part in f.split("/")))
     if not files:
         raise UserError(f"{shown}: no data files (.jsonl, .json, .parquet, .csv) there")
     found = {f: _file_split(f) for f in files}
@@ -196,11 +197,11 @@ def _hub_files(spec: str, split: str | None) -> list[tuple[Path, str]]:
 
 
 def _list_folder(folder: Path) -> list[str]:
-    """Data files under a folder (relative, '/'-separated), hidden folders (.cache, .git) skipped."""
+    """Data files under a folder (relative, '/'-separated)."""
     out = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(p.startswith(".") for p in rel.split("/")) and _suffix(rel):
+        if path.is_file() and _suffix(rel):
             out.append(rel)
     return sorted(out)
 

@@ -23,7 +23,8 @@ iters 1000, learning_rate 1e-5, a constant learning rate, save_every 100, adapte
 adapters). Keys that only steer mlx-lm's reporting (steps_per_report, steps_per_eval,
 val_batches, ...) are ignored with one note. A value we cannot honour (optimizer: sgd,
 report_to, grad_accumulation_steps > 1, ...) is one error line; an unknown key is rejected by
-name. Our own sections `views`, `rollout` and `objective` may sit beside mlx-lm's keys.
+name. Our own sections `views`, `rollout` and `objective` may sit beside mlx-lm's keys, and
+`data` may be our own section (train, eval, columns, answer_from, ...) instead of a path.
 
     tree, origin, notes = translate(yaml.safe_load(text), where=lambda key: f"run.yaml:{line}")
 """
@@ -170,6 +171,9 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
                                 "or Hub id (a section `model:` is aropd-mlx's own format; do not "
                                 "mix it with mlx-lm keys)")
             put("model.path", value, key)
+        elif key == "data" and isinstance(value, dict):  # our own data section, as it is
+            for k, v in value.items():
+                put(f"data.{k}", v, f"data.{k}")
         elif key == "data":
             for k, v in _data(value, where).items():
                 put(k, v, key)

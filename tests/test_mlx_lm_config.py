@@ -62,6 +62,14 @@ def test_left_out_keys_take_mlx_lm_defaults(tmp_path, folder):
     assert {"model.path", "data.train", "data.eval", "train.steps"} <= yaml_keys(path)
     path.write_text("model: some/model\ndata: owner/hub-set\n")  # not a local path: the Hub
     assert load_config(path).data.train == "hf://datasets/owner/hub-set"
+    path.write_text(f"model: m\niters: 5\ndata:\n  train: {folder}\n  answer_from: boxed\n"
+                    "  columns: {question: q}\n")  # our own data section beside mlx-lm's keys
+    cfg = load_config(path)
+    assert (cfg.data.train, cfg.data.answer_from, cfg.data.columns, cfg.train.steps) == (
+        str(folder), "boxed", {"question": "q"}, 5)
+    path.write_text("model: m\niters: 5\ndata:\n  answer_form: boxed\n")
+    with pytest.raises(UserError, match=r"lora.yaml:4: unknown key 'data.answer_form'"):
+        load_config(path)
 
 
 def test_grad_checkpoint_maps_where_it_exists(tmp_path, capsys):

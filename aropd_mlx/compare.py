@@ -45,6 +45,7 @@ class CompareSettings:
     lams: tuple[float, ...] = (0.8,)  # AR-OPD lambda; several: one AR-OPD variant each
     partial_ratios: tuple[float, ...] = (0.5,)  # partial view; applies to partial-opd, ar-opd
     pool: int | None = None  # oracle-traced problems to train on (None: the whole lab pool)
+    dev: bool = False  # evaluate on dev problems (lab/measure.dev_examples): for choosing settings
     overrides: dict = field(default_factory=dict)  # extra config keys for every trained run
     out: str = "runs/compare"
     reuse: bool = True  # reuse finished (variant, seed) runs with identical settings
@@ -156,6 +157,7 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
     run_dir = Path(settings.out) / "runs" / variant.slug / f"seed{seed}"
     spec = json.loads(json.dumps({"variant": asdict(variant), "seed": seed, "steps": settings.steps,
                                   "pool": settings.pool, "overrides": settings.overrides,
+                                  "dev": settings.dev,
                                   "lab": lab.settings.key()}))  # as it reads back from JSON
     saved = run_dir / "result.json"
     if settings.reuse and saved.is_file():
@@ -229,12 +231,16 @@ def _step_reporter(say: Callable[[str], None], steps: int) -> Callable[[dict], N
     return on_step
 
 
-def load_lab_data(lab, pool: int | None) -> dict:
+def load_lab_data(lab, pool: int | None, dev: bool = False) -> dict:
     from aropd_mlx.data import load_examples
 
     train_ex = load_examples(str(lab.train_path), need=("question", "solution", "answer"))
     if pool is not None:
         train_ex = train_ex[:pool]
+    if dev:  # problems apart from the held-out set: choosing settings leaves it untouched
+        from aropd_mlx.lab.measure import dev_examples
+
+        return {"train": train_ex, "eval": dev_examples(lab.settings)}
     return {"train": train_ex, "eval": load_examples(str(lab.eval_path), need=("question", "answer"))}
 
 
@@ -251,7 +257,7 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
         from aropd_mlx.lab.setup import prepare_lab
 
         lab = prepare_lab(lab_settings_for(load_config()))
-    data = load_lab_data(lab, settings.pool)
+    data = load_lab_data(lab, settings.pool, settings.dev)
     variants = plan(settings)
     jobs = schedule(settings)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}

@@ -29,16 +29,32 @@ from aropd_mlx.views import METHODS, ViewSettings  # noqa: F401 - METHODS: confi
 
 @dataclass(frozen=True)
 class DataSettings:
-    train: str = "lab"  # a JSONL path, hf://datasets/OWNER/NAME/file.jsonl, or "lab"
-    eval: str | None = None  # held-out JSONL; None: `eval_fraction` of train (or the lab's set)
+    # a file (JSONL, JSON, Parquet, CSV), a folder, hf://datasets/OWNER/NAME[/path], or "lab"
+    train: str = "lab"
+    eval: str | None = None  # held-out data, same forms; None: `eval_fraction` of train (or the lab's set)
     eval_fraction: float = 0.0  # without `eval`: this share of train held out (data.split), not trained on
     max_prompt_tokens: int = 2048  # longer prompts are skipped and counted (see README)
+    split: str = "train"  # the split of `train` when it is a folder or a dataset with splits
+    eval_split: str | None = None  # the split of `eval`; None: validation, else test
+    columns: dict[str, str] | None = None  # our field -> its column: {question: problem}
+    answer_from: str | None = None  # boxed | last_number | "####" | auto: the answer from the solution
 
     def validate(self) -> None:
+        from aropd_mlx.data import ANSWER_RULES, COLUMN_FIELDS
+
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_prompt_tokens < 1:
             raise UserError("data.max_prompt_tokens must be >= 1")
+        for name, column in (self.columns or {}).items():
+            if name not in COLUMN_FIELDS:
+                raise UserError(f"data.columns.{name}: unknown field (map {', '.join(COLUMN_FIELDS)}"
+                                " to the dataset's column names)")
+            if not column:
+                raise UserError(f"data.columns.{name}: empty column name")
+        if self.answer_from is not None and self.answer_from not in ANSWER_RULES:
+            raise UserError(f"data.answer_from must be one of {', '.join(ANSWER_RULES)}, "
+                            f"got {self.answer_from!r}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,11 @@ def _check_type(value, annotation, key: str):
         if isinstance(value, str):
             return value
         raise UserError(f"{key}: expected a string, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping (name: value lines), got {value!r}")
+        kt, vt = typing.get_args(hint) or (str, str)
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     return value
 
 
@@ -197,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
 
     An error names where the bad value came from: `--flag` (`flag_names` maps dotted keys to
     the flags that set them), `file.yaml:LINE`, or the key alone."""
-    data, lines = merge({}, base or {}), {}  # base: dotted keys, like overrides
+    data, lines, aliases = merge({}, base or {}), {}, {}  # base: dotted keys, like overrides
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -214,6 +235,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if not isinstance(loaded, dict):
             raise UserError(f"{path}:1: expected a mapping (key: value) at the top level")
         lines = _key_lines(text)
+        from aropd_mlx.mlxlm_config import is_mlx_lm_config
+
+        if is_mlx_lm_config(loaded):  # written for mlx_lm.lora: its keys, read as ours
+            loaded, lines, aliases = _from_mlx_lm(loaded, lines, path)
         try:
             data = merge(data, _flatten(loaded))
         except UserError as e:
@@ -222,7 +247,33 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     try:
         return _build(RunConfig, merge(data, overrides or {}), "").validate()
     except UserError as e:
-        raise UserError(_locate(str(e), path, lines, flags)) from None
+        raise UserError(_locate(str(e), path, lines, flags, aliases)) from None
+
+
+def _from_mlx_lm(loaded: dict, lines: dict[str, int], path: Path):
+    """An mlx-lm config as ours: (tree, our key -> its line, our key -> the mlx-lm key)."""
+    from aropd_mlx.errors import note
+    from aropd_mlx.mlxlm_config import OUR_SECTIONS, translate
+
+    tree, origin, notes = translate(
+        loaded, lambda key: f"{path}:{lines[key]}" if key in lines else str(path))
+    for message in notes:
+        note(f"{path}: {message}")
+    ours = {k: n for k, n in lines.items() if k.split(".")[0] in OUR_SECTIONS}
+    ours.update({k: lines[src] for k, src in origin.items() if src in lines})
+    return tree, ours, origin
+
+
+def yaml_keys(path) -> set[str]:
+    """The dotted keys (ours) a YAML config file sets, an mlx-lm config's once translated."""
+    from aropd_mlx.mlxlm_config import is_mlx_lm_config, translate
+
+    if path is None:
+        return set()
+    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if is_mlx_lm_config(tree):
+        tree = translate(tree, str)[0]
+    return set(_flatten(tree))
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -243,7 +294,8 @@ def _key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str]) -> str:
+def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str],
+            aliases: dict[str, str] | None = None) -> str:
     """Prefix a config error with the flag or the file:line that set the key it names first."""
     found = []
     for key in set(lines) | set(flags):
@@ -252,7 +304,10 @@ def _locate(message: str, path, lines: dict[str, int], flags: dict[str, str]) ->
             found.append((m.start(), -len(key), key))
     if found:
         key = min(found)[2]
-        return f"{flags[key]}: {message}" if key in flags else f"{path}:{lines[key]}: {message}"
+        if key in flags:
+            return f"{flags[key]}: {message}"
+        alias = f" (mlx-lm's {aliases[key]})" if aliases and key in aliases else ""
+        return f"{path}:{lines[key]}: {message}{alias}"
     return f"{path}: {message}" if path is not None else message
 
 

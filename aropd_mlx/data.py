@@ -1,25 +1,53 @@
-"""Examples: the schema, loading (local JSONL or a Hub dataset file), validation, splits.
+"""Examples: the schema, loading data as it is published, validation, splits.
 
-One example per JSONL line:
-    {"id": "...", "question": "...", "solution": "<oracle reasoning>", "answer": "<final answer>"}
-`id` is optional. Aliases accepted: problem/prompt -> question, reasoning/rationale -> solution,
-final_answer -> answer. Anything wrong is a `UserError` naming the file, the line and the field.
+An example is {"id": "...", "question": "...", "solution": "<oracle reasoning>", "answer": "..."}
+(`id` optional). `--data` reads it from:
+- a file: JSONL (`.jsonl`, and anything without a known suffix), JSON (`.json`: a list of
+  objects, `{"data": [...]}`, `{"train": [...], "test": [...]}` by split, or JSON Lines under a
+  .json name), Parquet (`.parquet`, needs pyarrow: the `data` extra) or CSV (`.csv`, a header
+  row); `.gz` of the text formats too;
+- a folder, or a Hub dataset `hf://datasets/OWNER/NAME[@REV][/path]` (a file, a folder, or the
+  whole repository): the files of one split, named as the Hub names them (`train.jsonl`,
+  `data/train-00000-of-00002.parquet`, `train/*.csv`; `data.split`, `--data-split`); files with
+  no split in their names are all one split.
+
+Which columns are which (first found wins, in this order):
+- `data.columns` ({question: problem, solution: solution, answer: ..., id: ...}): the mapped
+  column, nothing else, for that field;
+- the names and aliases: question|problem|prompt, solution|reasoning|rationale,
+  answer|final_answer (two of one field in a row is an error);
+- TRL's rows: `prompt` (a string, or a list of chat messages) is the question; the solution is
+  `privileged_context` (the text only the teacher sees: the privileged views' reference), else
+  `completion` (a demonstration; a string or assistant messages);
+- chat rows, `messages: [{role, content}]`: the user turn is the question, the assistant turn
+  the solution; a system turn is not part of the question (`views.system_prompt` sets one);
+- the answer, when a row has none: `data.answer_from` (boxed | last_number | "####" | auto)
+  applied to the solution, by evaluate.py's extraction. A row whose answer cannot be derived
+  is skipped and counted (one note), when the answer is needed.
+Anything wrong is a `UserError` naming the file, the place (`file.jsonl:LINE`, `file.csv:LINE`,
+`file.parquet row N`, `file.json row N`; N counts from 0) and the field.
 
     examples = load_examples("data/train.jsonl", need=("question", "solution", "answer"))
-    examples = load_examples("hf://datasets/OWNER/NAME/path/train.jsonl")
+    examples = load_examples("hf://datasets/AI-MO/NuminaMath-CoT", split="train",
+                             answer_from="boxed")
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
-from aropd_mlx.errors import UserError
+from aropd_mlx.errors import UserError, note
 
 FIELDS = ("question", "solution", "answer")
 ALIASES = {
@@ -29,7 +57,14 @@ ALIASES = {
     "rationale": "solution",
     "final_answer": "answer",
 }
+COLUMN_FIELDS = ("question", "solution", "answer", "id")  # what data.columns may map
+ANSWER_RULES = ("boxed", "last_number", "####", "auto")
 MAX_LINE_BYTES = 1 << 22  # 4 MiB: a line past this is a broken file, not an example
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+# split names as the Hub reads them from file and folder names (canonical: the first)
+SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
+EVAL_SPLITS = ("validation", "test")  # data.eval's split when none is given: the first found
 
 
 @dataclass(frozen=True)
@@ -44,78 +79,424 @@ class Example:
                 "answer": self.answer}
 
 
-def resolve_path(spec: str) -> Path:
-    """A local path, or `hf://datasets/OWNER/NAME/path/in/repo.jsonl` fetched via huggingface_hub."""
-    if not spec.startswith("hf://"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UserError(f"data file not found: {spec}")
-        return path
+# ------------------------------------------------------------------------------- sources
+
+def _suffix(name: str) -> str:
+    low = name.lower()
+    for suffix in DATA_SUFFIXES:
+        if low.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _canonical_split(name: str) -> str:
+    low = name.lower()
+    for canon, names in SPLIT_NAMES.items():
+        if low in names:
+            return canon
+    return low
+
+
+def _split_tokens(rel: str) -> list[str]:
+    """Where a split may be named, most specific first: the file name's first word
+    (train-00000-of-00002.parquet, train_0.jsonl, test.csv), then the folders, deepest first."""
+    *dirs, name = rel.split("/")
+    word = re.split(r"[-.]", name, maxsplit=1)[0]
+    return [word, re.sub(r"[-_ ]?\d+$", "", word), *reversed(dirs)]
+
+
+def _file_split(rel: str) -> str | None:
+    for token in _split_tokens(rel):
+        canon = _canonical_split(token)
+        if canon in SPLIT_NAMES:
+            return canon
+    return None
+
+
+def _select_split(files: list[str], split: str | None, shown: str) -> list[str]:
+    """The files (paths relative to the folder) of `split` (None: the first of EVAL_SPLITS)."""
+    files = sorted(f for f in files if _suffix(f)  # hidden folders (.cache, .git): never data
+                   and not any(part.startswith(".") for part in f.split("/")))
+    if not files:
+        raise UserError(f"{shown}: no data files (.jsonl, .json, .parquet, .csv) there")
+    found = {f: _file_split(f) for f in files}
+    if not any(found.values()):  # no split names: every file is the one split
+        return files
+    wants = [split] if split is not None else list(EVAL_SPLITS)
+    for want in wants:
+        canon = _canonical_split(want)
+        if canon in SPLIT_NAMES:
+            chosen = [f for f in files if found[f] == canon]
+        else:  # a split of its own name (cn_k12/, amc_aime-00000.parquet)
+            chosen = [f for f in files if want in _split_tokens(f)]
+        if chosen:
+            return chosen
+    have = sorted({s for s in found.values() if s})
+    asked = repr(split) if split is not None else "validation or test"
+    raise UserError(f"{shown}: no {asked} split (splits here: {', '.join(have)}; "
+                    "choose one with data.split / --data-split)")
+
+
+def _hub_reason(e: Exception) -> str:
+    kind = type(e).__name__
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else kind
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(
+            e, (ConnectionError, OSError)) and "offline" in reason.lower():
+        return "not in the local Hugging Face cache and the Hub cannot be reached (offline)"
+    if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+        return f"no such dataset on the Hub, or it is private/gated ({kind})"
+    if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+        return "the dataset has no such file"
+    return reason
+
+
+def _hub_files(spec: str, split: str | None) -> list[tuple[Path, str]]:
+    """(local path, the name errors show) of each file `hf://datasets/OWNER/NAME[@REV][/path]`
+    names: one file, or the files of `split` under a folder or the whole repository."""
+    import huggingface_hub as hub
+
     parts = spec[len("hf://"):].split("/")
-    if len(parts) < 4 or parts[0] != "datasets":
-        raise UserError(f"a Hub data path looks like hf://datasets/OWNER/NAME/file.jsonl, got {spec}")
-    repo_id, filename = "/".join(parts[1:3]), "/".join(parts[3:])
-    try:
-        from huggingface_hub import hf_hub_download
+    if len(parts) < 3 or parts[0] != "datasets" or not parts[1] or not parts[2]:
+        raise UserError("a Hub data path looks like hf://datasets/OWNER/NAME (the whole dataset) "
+                        f"or hf://datasets/OWNER/NAME/path/file.parquet, got {spec}")
+    name, _, revision = parts[2].partition("@")
+    repo_id, inner = f"{parts[1]}/{name}", "/".join(p for p in parts[3:] if p)
+    base = f"hf://datasets/{parts[1]}/{parts[2]}"
 
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+    def download(filename: str) -> Path:
+        return Path(hub.hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
+                                        revision=revision or None))
+
+    try:
+        if _suffix(inner):  # one file: fetched (or read from the cache) without a listing
+            return [(download(inner), spec)]
+        try:
+            listing = hub.list_repo_files(repo_id, repo_type="dataset", revision=revision or None)
+        except Exception as e:  # offline: what an earlier run downloaded, if anything
+            try:
+                local = Path(hub.snapshot_download(repo_id, repo_type="dataset",
+                                                   revision=revision or None,
+                                                   local_files_only=True))
+            except Exception:
+                raise e from None
+            folder = local / inner if inner else local
+            if not folder.is_dir():
+                raise e from None
+            return [(folder / rel, f"{base}/{inner + '/' if inner else ''}{rel}")
+                    for rel in _select_split(_list_folder(folder), split, spec)]
+        prefix = inner + "/" if inner else ""
+        under = [f[len(prefix):] for f in listing if f.startswith(prefix)]
+        if not under:
+            raise UserError(f"cannot fetch {spec}: the dataset has no file or folder {inner!r}")
+        return [(download(prefix + rel), f"{base}/{prefix}{rel}")
+                for rel in _select_split(under, split, spec)]
+    except UserError:
+        raise
     except Exception as e:  # offline, missing repo or file: one line, the reason included
-        kind = type(e).__name__
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else kind
-        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-            reason = "not in the local Hugging Face cache and the Hub cannot be reached (offline)"
-        elif kind in ("RepositoryNotFoundError", "GatedRepoError"):
-            reason = f"no such dataset on the Hub, or it is private/gated ({kind})"
-        elif kind == "EntryNotFoundError":
-            reason = "the dataset has no such file"
-        raise UserError(f"cannot fetch {spec}: {reason}") from None
+        raise UserError(f"cannot fetch {spec}: {_hub_reason(e)}") from None
 
 
-def _parse_line(raw: bytes, where: str, need: tuple[str, ...], index: int) -> Example:
-    if len(raw) > MAX_LINE_BYTES:
-        raise UserError(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}", where=where)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"not UTF-8 (byte {e.start})", where=where) from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"malformed JSON ({e.msg}, column {e.colno})", where=where) from None
-    if not isinstance(obj, dict):
-        raise UserError(f"expected a JSON object, got {type(obj).__name__}", where=where)
-    fields: dict[str, str] = {}
-    for key, value in obj.items():
-        name = ALIASES.get(key, key)
-        if name not in FIELDS:
-            continue
-        if name in fields:
-            raise UserError(f"field {name!r} given twice (as {key!r})", where=where)
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserError(f"field {key!r} must be a string, got {type(value).__name__}", where=where)
-        fields[name] = str(value)
-    for name in need:
-        if name not in fields:
-            raise UserError(f"missing field {name!r}", where=where)
-        if not fields[name].strip():
-            raise UserError(f"field {name!r} is empty", where=where)
-    ex_id = obj.get("id", index)
-    return Example(id=str(ex_id), **fields)
+def _list_folder(folder: Path) -> list[str]:
+    """Data files under a folder (relative, '/'-separated)."""
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and _suffix(rel):
+            out.append(rel)
+    return sorted(out)
 
 
-def load_examples(spec: str, need: tuple[str, ...] = ("question",)) -> list[Example]:
-    """Read every example of a JSONL file; `need` lists the fields that must be non-empty."""
-    path = resolve_path(spec)
-    examples: list[Example] = []
-    with open(path, "rb") as f:
+def data_files(spec: str, split: str | None = "train") -> list[tuple[Path, str]]:
+    """(local path, the name errors show) of every file `spec` names (see the module doc)."""
+    if spec.startswith("hf://"):
+        return _hub_files(spec, split)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [(path, spec)]
+    if path.is_dir():
+        return [(path / rel, f"{spec.rstrip('/')}/{rel}")
+                for rel in _select_split(_list_folder(path), split, spec)]
+    raise UserError(f"data file not found: {spec}")
+
+
+def resolve_path(spec: str) -> Path:
+    """The local path of a one-file `spec` (a local file or an hf:// file, fetched)."""
+    files = data_files(spec)
+    if len(files) != 1:
+        raise UserError(f"{spec}: {len(files)} files, expected one")
+    return files[0][0]
+
+
+# ---------------------------------------------------------------------------------- rows
+
+def _open_text(path: Path) -> bytes:
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        return f.read()
+
+
+def _jsonl_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            examples.append(_parse_line(raw.rstrip(b"\r\n"), f"{spec}:{lineno}", need, len(examples)))
-    if not examples:
-        raise UserError(f"{spec}: no examples (the file is empty or blank)")
-    return examples
+            where = f"{shown}:{lineno}"
+            raw = raw.rstrip(b"\r\n")
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}", where=where)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 (byte {e.start})", where=where) from None
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON ({e.msg}, column {e.colno})", where=where) from None
 
+
+def _decode(data: bytes, shown: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 (byte {e.start})", where=f"{shown}:{line}") from None
+
+
+def _json_rows(path: Path, shown: str, split: str | None) -> Iterator[tuple[str, object]]:
+    data = _open_text(path)
+    text = _decode(data, shown)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines under a .json name (common on the Hub)
+            yield from _jsonl_rows(path, shown)
+            return
+        raise UserError(f"malformed JSON ({e.msg}, line {e.lineno}, column {e.colno})",
+                        where=shown) from None
+    if isinstance(obj, dict):
+        lists = [k for k, v in obj.items() if isinstance(v, list)]
+        key = next((k for k in ([split] if split else list(EVAL_SPLITS)) + ["data"]
+                    if k in lists), None)
+        if key is None and split is not None:
+            key = next((k for k in lists if _canonical_split(k) == _canonical_split(split)), None)
+        if key is None and split is None:
+            key = next((k for k in lists if _canonical_split(k) in EVAL_SPLITS), None)
+        if key is None and lists:
+            raise UserError(f"{shown}: lists under {', '.join(map(repr, lists))}: which one? "
+                            "(data.split / --data-split)")
+        if key is None:  # one object: a one-line JSON Lines file
+            yield f"{shown} row 0", obj
+            return
+        obj = obj[key]
+    if not isinstance(obj, list):
+        raise UserError(f"{shown}: expected a list of objects, got {type(obj).__name__}")
+    for i, row in enumerate(obj):
+        yield f"{shown} row {i}", row
+
+
+def _csv_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    text = _decode(_open_text(path), shown)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise UserError(f"malformed CSV ({e})", where=f"{shown}:1") from None
+    line = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"malformed CSV ({e})", where=f"{shown}:{line}") from None
+        where, line = f"{shown}:{line}", reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise UserError(f"{len(cells)} cells, the header has {len(header)}", where=where)
+        yield where, dict(zip(header, cells))
+
+
+def _parquet_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{shown}: reading Parquet needs pyarrow: pip install 'aropd-mlx[data]' "
+                        "(or pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{shown} row {i}", row
+                i += 1
+    except UserError:
+        raise
+    except Exception as e:  # not a Parquet file, a truncated one
+        raise UserError(f"{shown}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def read_rows(path: Path, shown: str, split: str | None = "train") -> Iterator[tuple[str, object]]:
+    """(where, the row as parsed) of every row of one file, by its format."""
+    suffix = _suffix(path.name)
+    if suffix.startswith(".parquet"):
+        return _parquet_rows(path, shown)
+    if suffix.startswith(".csv"):
+        return _csv_rows(path, shown)
+    if suffix.startswith(".json") and not suffix.startswith(".jsonl"):
+        return _json_rows(path, shown, split)
+    return _jsonl_rows(path, shown)
+
+
+# ------------------------------------------------------------------------------- fields
+
+def _text(value, key: str, where: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise UserError(f"field {key!r} must be a string, got {type(value).__name__}", where=where)
+    return str(value)
+
+
+def _content(message, key: str, where: str) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):  # [{type: text, text: ...}, ...]
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise UserError(f"field {key!r}: only text content can be read", where=where)
+        return "".join(texts)
+    if not isinstance(content, str):
+        raise UserError(f"field {key!r}: each message needs a role and a text content", where=where)
+    return content
+
+
+def _turns(messages, key: str, where: str) -> dict[str, str]:
+    """{role: text} of a single-turn chat: at most one system, one user, one assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"field {key!r} must be a list of {{role, content}} messages", where=where)
+    out: dict[str, str] = {}
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise UserError(f"field {key!r}: a message with role {role!r} (system, user or "
+                            "assistant)", where=where)
+        if role in out:
+            raise UserError(f"field {key!r}: more than one {role} turn (one question and one "
+                            "answer per row)", where=where)
+        out[role] = _content(m, key, where)
+    return out
+
+
+def _derive_answer(solution: str | None, rule: str) -> str | None:
+    from aropd_mlx.evaluate import answer_by_rule
+
+    return answer_by_rule(solution, rule) if solution else None
+
+
+def parse_row(obj, where: str, need: tuple[str, ...], index: int,
+              columns: dict[str, str] | None = None, answer_from: str | None = None) -> Example | None:
+    """One row (a parsed object) -> an Example; None when the answer must be derived from the
+    solution and cannot be (skipped and counted by the caller)."""
+    if not isinstance(obj, dict):
+        raise UserError(f"expected a JSON object, got {type(obj).__name__}", where=where)
+    columns = columns or {}
+    fields: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for name, column in columns.items():  # mapped columns: that column and nothing else
+        if column not in obj:
+            raise UserError(f"missing column {column!r} (data.columns.{name}; columns here: "
+                            f"{', '.join(map(str, obj))})", where=where)
+        if obj[column] is not None and name != "id":
+            fields[name], source[name] = _text(obj[column], column, where), column
+    mapped = set(columns.values())
+    for key, value in obj.items():  # the names and aliases
+        name = ALIASES.get(key, key)
+        if name not in FIELDS or name in columns or key in mapped or value is None:
+            continue
+        if key == "prompt" and isinstance(value, list):  # TRL conversational prompt
+            continue
+        if name in fields:
+            raise UserError(f"field {name!r} given twice (as {key!r})", where=where)
+        fields[name], source[name] = _text(value, key, where), key
+    if "question" not in fields and isinstance(obj.get("prompt"), list) and "question" not in columns:
+        turns = _turns(obj["prompt"], "prompt", where)
+        if "user" in turns:
+            fields["question"] = turns["user"]
+    if "solution" not in fields and "solution" not in columns:
+        for key in ("privileged_context", "completion"):  # TRL: teacher-only text, a demonstration
+            value = obj.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = _turns(value, key, where).get("assistant")
+                if value is None:
+                    continue
+            fields["solution"] = _text(value, key, where)
+            break
+    if obj.get("messages") is not None and not (
+            {"question", "solution"} <= set(fields) or {"question", "solution"} <= set(columns)):
+        turns = _turns(obj["messages"], "messages", where)
+        for name, role in (("question", "user"), ("solution", "assistant")):
+            if name not in fields and name not in columns and role in turns:
+                fields[name] = turns[role]
+    if answer_from and not (fields.get("answer") or "").strip():
+        derived = _derive_answer(fields.get("solution"), answer_from)
+        if derived:
+            fields["answer"] = derived
+        elif "answer" in need:
+            return None
+        else:
+            fields.pop("answer", None)
+    for name in need:
+        if name not in fields:
+            raise UserError(f"missing field {name!r}{_hint(name, obj, answer_from)}", where=where)
+        if not fields[name].strip():
+            raise UserError(f"field {name!r} is empty", where=where)
+    id_key = columns.get("id", "id")
+    ex_id = obj.get(id_key)
+    return Example(id=str(index if ex_id is None else ex_id), **fields)
+
+
+def _hint(name: str, obj: dict, answer_from: str | None) -> str:
+    if name == "answer" and not answer_from:
+        return (" (or take it from the solution: data.answer_from: boxed | last_number | "
+                "'####' | auto)")
+    if name == "question" and "text" in obj:
+        return (" (a 'text' row is plain text, no question: give question/solution columns, "
+                "messages, or prompt/completion)")
+    if name in FIELDS:
+        known = ", ".join(map(str, list(obj)[:12]))
+        return f" (columns here: {known}; map one with data.columns.{name})"
+    return ""
+
+
+def load_examples(spec: str, need: tuple[str, ...] = ("question",), *, split: str | None = "train",
+                  columns: dict[str, str] | None = None,
+                  answer_from: str | None = None) -> list[Example]:
+    """Every example of `spec` (a file, a folder, an hf:// dataset; the files of `split`, None:
+    the first of validation, test); `need` lists the fields that must be non-empty."""
+    examples: list[Example] = []
+    skipped, first_skipped = 0, None
+    files = data_files(spec, split)
+    for path, shown in files:
+        for where, obj in read_rows(path, shown, split):
+            ex = parse_row(obj, where, need, len(examples), columns, answer_from)
+            if ex is None:
+                skipped += 1
+                first_skipped = first_skipped or where
+            else:
+                examples.append(ex)
+    if skipped:
+        msg = (f"{spec}: {skipped} rows without an answer data.answer_from={answer_from!r} "
+               f"can find in the solution (first: {first_skipped})")
+        if not examples:
+            raise UserError(msg + ": no examples left")
+        note(msg + "; skipped")
+    if not examples:
+        shown = files[0][1] if len(files) == 1 else spec
+        raise UserError(f"{shown}: no examples (the file is empty or blank)")
+    return examples
 
 def write_examples(path: str | os.PathLike, examples: list[Example] | list[dict]) -> None:
     """Write examples as JSONL atomically (temp file + rename)."""
@@ -150,16 +531,24 @@ def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example],
             [ex for i, ex in enumerate(examples) if i in held])
 
 
+def load_data(data, which: str = "train", need: tuple[str, ...] = ("question",)) -> list[Example]:
+    """The examples of `data.train` or `data.eval` (config.DataSettings), read with its split,
+    column mapping and answer rule."""
+    spec = data.train if which == "train" else data.eval
+    return load_examples(spec, need=need, split=data.split if which == "train" else data.eval_split,
+                         columns=getattr(data, "columns", None),
+                         answer_from=getattr(data, "answer_from", None))
+
+
 def train_and_eval(data, need: tuple[str, ...]) -> tuple[list[Example], list[Example]]:
     """The training and evaluation examples of `data` (config.DataSettings): `data.eval` when
     set; else `data.eval_fraction` of `data.train` held out (see `split`); else none."""
     if data.eval:
-        return (load_examples(data.train, need=need),
-                load_examples(data.eval, need=("question", "answer")))
+        return load_data(data, "train", need), load_data(data, "eval", ("question", "answer"))
     if data.eval_fraction > 0:  # the held-out part is evaluated: it needs answers
         need = tuple(dict.fromkeys((*need, "answer")))
-        return split(load_examples(data.train, need=need), data.eval_fraction)
-    return load_examples(data.train, need=need), []
+        return split(load_data(data, "train", need), data.eval_fraction)
+    return load_data(data, "train", need), []
 
 
 @lru_cache(maxsize=4)

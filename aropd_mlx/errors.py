@@ -11,3 +11,16 @@ class UserError(Exception):
     def __init__(self, message: str, *, where: str | None = None):
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+
+_NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (`aropd-mlx: note: ...`), once per message per process: what
+    was skipped or ignored, where the run goes on anyway."""
+    import sys
+
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"aropd-mlx: note: {message}", file=sys.stderr)

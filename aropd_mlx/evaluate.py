@@ -107,6 +107,24 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
+def answer_by_rule(text: str, rule: str) -> str | None:
+    """The answer written in a reference solution by one rule (data.answer_from): `boxed` (the
+    last \\boxed{}), `####` (GSM8K's '#### x'), `last_number`, or `auto` (extract_answer's
+    cascade). None when the rule finds nothing."""
+    if rule == "boxed":
+        found = boxed_contents(text) or _BOXED_BARE.findall(text)
+        return (found[-1].strip() or None) if found else None
+    if rule == "####":
+        found = _HASHES.findall(text)
+        return (_clean_marked(found[-1]) or None) if found else None
+    if rule == "last_number":
+        numbers = _NUMBER.findall(text)
+        return numbers[-1].replace(",", "") if numbers else None
+    if rule == "auto":
+        return extract_answer(text)
+    raise ValueError(f"unknown answer rule {rule!r}")
+
+
 # ----------------------------------------------------------------------------- equivalence
 
 _LATEX_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle",

@@ -24,8 +24,8 @@ gradient too. The head weight is then a second primal of the custom function, an
 cotangent dW = sum over rows of g_i * dl_i/dz_i (x) h_i depends on the row cotangents g, known
 only in the backward: the backward walks the chunks again, recomputing each chunk's logits,
 and accumulates (g * dz)^T h_s into one (V, H) float32 array per lane (a second pass over V;
-memory: the accumulators plus one chunk, never rows x V). An untied lm_head stays frozen under
-full fine-tuning (models.attach_adapters), and a quantized head never trains.
+memory: the accumulators plus one chunk, never rows x V). Under full fine-tuning the head
+trains, tied or not (models.attach_adapters); a quantized head never trains.
 
 Evaluate the LossOutput fields and the gradients in one `mx.eval` (one sync point per step):
 an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's inputs.

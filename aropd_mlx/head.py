@@ -7,10 +7,9 @@ It sits below both, so imports go down the flow.
     head = head_from_model(model)        # lm_head, or the tied input embedding
     logits = head(hidden)                # (..., H) -> (..., V)
 
-`trainable` says whether the loss must give the head a gradient: only a tied embedding under
-full fine-tuning trains (the same matrix is the input embedding, which trains). An untied
-lm_head stays frozen under full fine-tuning (models.attach_adapters), and a quantized head
-never trains.
+`trainable` says whether the loss must give the head a gradient: under full fine-tuning the
+head trains (an untied lm_head, or a tied embedding through both of its uses); under LoRA it
+is frozen, and a quantized head never trains.
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ def _too_big(m: ModelShape, r: RunShape, plan: MemoryPlan) -> str:
 
 def prompt_lengths(cfg, encoder, examples, views, sample: int = 256) -> dict[str, int]:
     """The longest prompt per view over the data, or over `sample` examples spread evenly
-    through it (a longer prompt elsewhere can make the real peak exceed the plan's)."""
+    through it (a longer prompt elsewhere can make the real peak exceed the plan's); and the
+    longest oracle response ("oracle", SFT's responses) when the encoder makes them."""
     longest = {v: 1 for v in views}
     for ex in examples[::max(1, len(examples) // sample)][:sample]:
         enc = encoder(ex)
@@ -384,6 +385,8 @@ def prompt_lengths(cfg, encoder, examples, views, sample: int = 256) -> dict[str
             continue
         for v in views:
             longest[v] = max(longest[v], len(enc.prompts[v]))
+        if enc.oracle is not None:
+            longest["oracle"] = max(longest.get("oracle", 1), len(enc.oracle))
     return longest
 
 
@@ -392,8 +395,12 @@ def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
     from aropd_mlx.views import METHOD_VIEWS
 
     views = METHOD_VIEWS[cfg.train.method]
-    lengths = prompt_lengths(cfg, encoder, examples, ("student",) + tuple(views))
+    encoded = tuple(getattr(encoder, "views", ())) or ("student",) + tuple(views)
+    lengths = prompt_lengths(cfg, encoder, examples, encoded)
     run = RunShape.from_config(cfg, lengths["student"], {v: lengths[v] for v in views})
+    if cfg.train.method == "sft":  # its prompts may be any encoded view, its responses oracles
+        run = replace(run, student_prompt=max(lengths[v] for v in encoded),
+                      response=lengths.get("oracle", run.response))
     limit, note = memory_limit(cfg)
     try:
         shape = ModelShape.from_model(model)

@@ -7,8 +7,8 @@ The teacher is a *parameter snapshot* of the trainable weights, swapped in for s
 - a path: a separate model whose tokenizer and vocabulary must match the student's; its hidden
   size may differ, as its views are projected by its own output head (`Teacher.head`).
 
-Full fine-tuning trains every weight except an untied lm_head, which stays frozen; a tied
-embedding trains through both of its uses (fused.py gives the output side its gradient).
+Full fine-tuning trains every weight, the output head included; a tied embedding trains
+through both of its uses (fused.py gives the output side its gradient).
 
     model, tokenizer = load_student(ModelSettings(path="Qwen/Qwen2.5-0.5B-Instruct"))
     teacher = Teacher.create(model, tokenizer, ModelSettings(...))
@@ -130,11 +130,11 @@ def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) ->
     mx.random.seed(seed)
     model.freeze()
     if settings.fine_tune_type == "full":
+        # every weight trains, the output head included (fused.py gives a trainable head its
+        # gradient, chunk by chunk): a tied embedding through both of its uses. A frozen
+        # untied head would cap the logits at its random scale when training from scratch
+        # (the lab's warm start: a uniformly underconfident model, LAB.md)
         model.unfreeze()
-        # an untied lm_head stays frozen: the fused loss gives a separate head no gradient
-        # (head.py); a tied embedding trains on both sides (fused.py computes the output side)
-        if getattr(model, "lm_head", None) is not None:
-            model.lm_head.freeze()
         return
     n_layers = len(model.layers) if settings.lora_layers < 0 else settings.lora_layers
     linear_to_lora_layers(model, n_layers, settings.lora_parameters(),

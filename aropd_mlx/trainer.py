@@ -303,7 +303,8 @@ def restore(run_dir: Path, model, optimizer, teacher: Teacher,
 def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
           resume: bool = False, on_step: Callable[[dict], None] | None = None,
           stop_after: int | None = None, overwrite: bool = False,
-          run: RunDir | None = None, on_plan: Callable[[str], None] | None = None) -> dict:
+          run: RunDir | None = None, encoder: PromptEncoder | None = None,
+          on_plan: Callable[[str], None] | None = None) -> dict:
     """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
 
     A directory holding a previous run is refused unless `resume` (continue it) or `overwrite`
@@ -311,14 +312,16 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
     (the CLI: its lock then covers the evaluations around training). Before the first step the
     memory plan (memory.py) fills in the micro-batches and checkpointing the config leaves
     open, and `on_plan` gets its one line; a run that cannot fit stops here, having written
-    nothing. `stop_after`: return after
-    this many steps of this call (tests of interruption). A failed write in the run directory
-    (a full disk) is a one-line UserError."""
+    nothing. `stop_after`: return after this many steps of this call (tests of interruption).
+    `encoder`: how examples become each view's prompt ids (default batches.PromptEncoder; the
+    lab's warm start uses its own). A failed write in the run directory (a full disk) is a
+    one-line UserError."""
     run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
     try:
         with run:
             return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
-                          on_step=on_step, stop_after=stop_after, run=run, on_plan=on_plan)
+                          on_step=on_step, stop_after=stop_after, run=run, encoder=encoder,
+                          on_plan=on_plan)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -327,13 +330,14 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
-           run: RunDir, on_plan: Callable[[str], None] | None = None) -> dict:
+           run: RunDir, encoder: PromptEncoder | None = None,
+           on_plan: Callable[[str], None] | None = None) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
     if cfg.train.batch_size < world.size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {world.size} "
                         "ranks: each rank needs at least one prompt per step")
-    encoder = PromptEncoder(cfg, tokenizer)
+    encoder = encoder or PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
     plan = plan_for_run(cfg, model, encoder, examples)  # too big: fails before anything is written
     cfg = plan.apply(cfg)

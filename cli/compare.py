@@ -44,6 +44,8 @@ def compare_command(
     pool: Optional[int] = typer.Option(None, help="Train on the first N oracle-traced problems only."),
     out: str = typer.Option("runs/compare", help="Output directory."),
     fresh: bool = typer.Option(False, "--fresh", help="Rerun finished (variant, seed) runs too."),
+    dev: bool = typer.Option(False, "--dev", help="Evaluate on dev problems (for choosing settings; "
+                                                  "the held-out set stays for results)."),
 ):
     """Compare base, SFT, OPD, Partial OPD, Full OPD and AR-OPD on the lab (several seeds)."""
     from dataclasses import replace
@@ -55,7 +57,7 @@ def compare_command(
 
     from .train import _build_progress
 
-    settings = CompareSettings(out=out, reuse=not fresh, pool=pool)
+    settings = CompareSettings(out=out, reuse=not fresh, pool=pool, dev=dev)
     if quick:
         settings = quick_settings(settings)
     given = {"seeds": seeds, "first_seed": first_seed, "steps": steps, "lams": parse_list(lams, float, "lams"),

@@ -66,7 +66,8 @@ def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again
 
 @lab_app.command("measure")
 @handles_errors
-def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers here.")):
+def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers here."),
+                dev: bool = typer.Option(False, "--dev", help="On dev problems, not the held-out set.")):
     """What the lab's self-teacher can do on held-out problems, by k: greedy all-steps-correct
     under the student, partial and full views, and temperature-1 samples of the student view."""
     from aropd_mlx.lab.defaults import lab_settings_for
@@ -74,7 +75,7 @@ def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Wr
     from aropd_mlx.lab.setup import prepare_lab
 
     lab = prepare_lab(lab_settings_for(), on_step=train._build_progress())
-    numbers = measure_lab(lab)
+    numbers = measure_lab(lab, dev=dev)
     typer.echo(format_measure(numbers))
     if json_out:
         json_out.write_text(json.dumps(numbers, indent=2))

@@ -26,10 +26,24 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "seed": "train.seed", "batch_size": "train.batch_size", "lr": "train.learning_rate",
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
+             "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from",
              "memory_limit": "train.memory_limit"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
+
+
+def _columns_value(columns: Optional[str]):
+    """--columns question=problem,solution=solution -> {"question": "problem", ...}."""
+    if columns is None:
+        return None
+    out = {}
+    for item in filter(None, (c.strip() for c in columns.split(","))):
+        field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not field or not column:
+            raise UserError(f"--columns: expected FIELD=COLUMN[,FIELD=COLUMN...], got {item!r}")
+        out[field] = column
+    return out
 
 
 def _clip_value(clip: Optional[str]):
@@ -113,26 +127,16 @@ def _resume_config(config: Optional[Path], overrides: dict):
 
 def _yaml_keys(config: Optional[Path]) -> set[str]:
     """The dotted keys a YAML config file sets (already validated by load_config)."""
-    import yaml
+    from aropd_mlx.config import yaml_keys
 
-    if config is None:
-        return set()
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict) and v:
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}"
-
-    return set(walk(yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}, ""))
+    return yaml_keys(config)
 
 
 def _value(cfg, key: str):
     from dataclasses import is_dataclass
 
     for part in key.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg.get(part) if isinstance(cfg, dict) else getattr(cfg, part, None)
     return None if is_dataclass(cfg) else cfg  # an empty YAML section sets nothing
 
 
@@ -193,7 +197,15 @@ def _eval(model, tokenizer, cfg, examples, lab) -> dict:
 def train_command(
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML run config."),
     model: Optional[str] = typer.Option(None, help="Hub id or local path of the student ('lab': built-in)."),
-    data: Optional[str] = typer.Option(None, help="JSONL path or hf://datasets/OWNER/NAME/file.jsonl ('lab')."),
+    data: Optional[str] = typer.Option(None, help=(
+        "A JSONL, JSON, Parquet or CSV file, a folder, or hf://datasets/OWNER/NAME[/path] "
+        "('lab': built-in).")),
+    data_split: Optional[str] = typer.Option(None, help=(
+        "The split of a folder or Hub dataset with splits (default: train).")),
+    columns: Optional[str] = typer.Option(None, help=(
+        "Column mapping FIELD=COLUMN,...: question=problem,solution=solution,answer=...,id=...")),
+    answer_from: Optional[str] = typer.Option(None, help=(
+        "Take a missing answer from the solution: boxed | last_number | '####' | auto.")),
     method: Optional[str] = typer.Option(None, help="sft | opd | partial-opd | full-opd | ar-opd"),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
@@ -214,7 +226,9 @@ def train_command(
     group_size: Optional[int] = typer.Option(None, help="Rollouts per prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Rollout length limit."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    eval_data: Optional[str] = typer.Option(None, help="Held-out JSONL for before/after evaluation."),
+    eval_data: Optional[str] = typer.Option(None, help=(
+        "Held-out data for before/after evaluation (same forms as --data; a dataset's "
+        "validation, else test split).")),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=(
@@ -242,6 +256,7 @@ def train_command(
                  out=out, lam=lam, clip=_clip_value(clip), alpha=alpha, teacher=teacher, seed=seed,
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
+                 data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
                  memory_limit=memory_limit)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
@@ -317,8 +332,12 @@ def eval_command(
         "A run directory (its config.yaml gives the base model, model settings and views) or "
         "an adapter directory (then --model is needed).")),
     data: Optional[str] = typer.Option(None, help=(
-        "JSONL with question and answer. Default: the run's data.eval (the lab's held-out set "
-        "for lab runs).")),
+        "Held-out data with question and answer (a file, folder or hf:// dataset, read with the "
+        "run's data.columns and data.answer_from). Default: the run's data.eval (the lab's "
+        "held-out set for lab runs).")),
+    data_split: Optional[str] = typer.Option(None, help=(
+        "The split of a folder or Hub dataset (default: the run's data.eval_split, else "
+        "validation, else test).")),
     k: int = typer.Option(1, help="Samples per problem (avg@k, pass@k)."),
     temperature: float = typer.Option(0.0, help="0: greedy."),
     max_new_tokens: Optional[int] = typer.Option(None, help=(
@@ -352,7 +371,9 @@ def eval_command(
         source = f"data.eval of {adapter / 'config.yaml'}" if adapter else "the lab's held-out set"
         typer.echo(f"no --data: evaluating on {data} ({source})", err=True)
     student, tokenizer = load_student(settings)
-    examples = load_examples(data, need=("question", "answer"))
+    examples = load_examples(data, need=("question", "answer"),
+                             split=data_split or run.data.eval_split, columns=run.data.columns,
+                             answer_from=run.data.answer_from)
     result = evaluate(student, tokenizer, examples, run.views, checker=_checker(lab), k=k,
                       temperature=temperature,
                       max_new_tokens=max_new_tokens or run.rollout.max_new_tokens)

@@ -148,6 +148,35 @@ def test_bad_eval_file_names_its_line(ws):
     one_error(cli(*ws["base"], "--eval-data", bad), "heldout.jsonl:2", "'answer'", out=ws["out"])
 
 
+@pytest.mark.parametrize("fmt, flags, needles", [
+    ("parquet", [], ["bad.parquet row 1", "'answer'"]),
+    ("csv", [], ["bad.csv:3", "'answer'"]),
+    ("json", [], ["bad.json row 1", "'answer'"]),
+    ("json", ["--columns", "question=problem"], ["bad.json row 0", "missing column 'problem'"]),
+    ("json", ["--columns", "question"], ["--columns", "FIELD=COLUMN"]),
+    ("json", ["--columns", "questoin=q"], ["--columns", "data.columns.questoin"]),
+    ("json", ["--answer-from", "boxxed"], ["--answer-from", "data.answer_from"]),
+    ("json", ["--data-split", "test"], ["bad.json", "which one"]),
+])
+def test_bad_rows_in_other_formats(fmt, flags, needles, ws):
+    """Parquet and JSON rows are named by index (from 0), CSV rows by line."""
+    rows = [GOOD[0], {"question": "q", "solution": "s", "answer": None if fmt != "csv" else ""}]
+    bad = ws["tmp"] / f"bad.{fmt}"
+    if fmt == "parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), bad)
+    elif fmt == "csv":
+        bad.write_text("id,question,solution,answer\n" + "\n".join(
+            ",".join(str(r.get(c, "")) for c in ("id", "question", "solution", "answer"))
+            for r in rows) + "\n")
+    else:
+        bad.write_text(json.dumps({"train": rows, "other": rows} if "--data-split" in flags else rows))
+    args = [a if a != ws["data"] else bad for a in ws["base"]]
+    one_error(cli(*args, *flags), *needles, out=ws["out"])
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network and an empty Hugging Face cache."""

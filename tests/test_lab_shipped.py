@@ -74,3 +74,36 @@ def test_well_formed_and_rates_follow_the_checker():
     wrong = ["A:" + str((int(task.solve(e.question)[1]) + 1) % 10) for e in ex]
     r = rates_by_k(ex, wrong)
     assert r["all"]["accuracy"] == 0.0 and r["all"]["shortcut_rate"] == 1.0  # no steps written
+
+
+def test_warm_start_trains_long_problems_through_privileged_views_only(tmp_path):
+    """student_view_k_max: past it, an example's student prompt is its partial view (the
+    draw's view mix then picks between partial and full); shorter ones keep all three."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.setup import warm_encoder
+
+    settings = replace(SMALL, k_max=4, student_view_k_max=2)
+    _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
+    cfg = load_config(overrides={**view_overrides(4), "train.method": "sft",
+                                 "train.sft_view_mix": [0.5, 0.25, 0.25]})
+    enc = warm_encoder(settings, cfg, tok)
+    short, long = lab_examples(n=1, k_min=2, k_max=2)[0], lab_examples(n=1, k_min=4, k_max=4)[0]
+    s, l = enc(short), enc(long)
+    assert s.prompts["student"] != s.prompts["partial"]
+    assert l.prompts["student"] == l.prompts["partial"] != l.prompts["full"]
+    assert warm_encoder(replace(settings, student_view_k_max=0), cfg, tok)(long).prompts[
+        "student"] != l.prompts["partial"]
+
+
+def test_dev_problems_are_apart_from_the_held_out_set():
+    from aropd_mlx.lab.measure import dev_examples
+    from aropd_mlx.lab.setup import eval_examples
+
+    s = replace(SMALL, eval_ks=(6, 8), n_eval_per_k=40)
+    dev, held = dev_examples(s), eval_examples(s)
+    assert len(dev) == len(held) == 80
+    assert [len(e.question) for e in dev] == [len(e["question"]) for e in held]  # same k layout
+    assert len({e.question for e in dev} & {e["question"] for e in held}) <= 2  # drawn apart

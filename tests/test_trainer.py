@@ -167,14 +167,13 @@ def test_quantized_base_trains_with_a_quantized_head(tiny_llama, tmp_path):
     assert any(not np.array_equal(before[k], np.array(v)) for k, v in trainable(model).items())
 
 
-def test_full_fine_tune_trains_all_but_the_untied_head(tiny_llama, tmp_path):
-    """An untied lm_head stays frozen in a full fine-tune (so weight decay cannot shrink it
-    either); every other weight trains (the embedding included). A tied head trains:
-    tests/test_heads.py."""
+def test_full_fine_tune_trains_every_weight_the_untied_head_included(tiny_llama, tmp_path):
+    """Every weight trains in a full fine-tune, the embedding and an untied lm_head included
+    (a frozen random head capped the lab's from-scratch warm start at a flat distribution).
+    A tied head: tests/test_heads.py."""
     cfg, model, _, before, _ = _run(tiny_llama, tmp_path / "r", **{
         "model.fine_tune_type": "full", "train.weight_decay": 0.5, "train.learning_rate": 0.01})
-    assert "lm_head.weight" not in before and "model.embed_tokens.weight" in before
+    assert "lm_head.weight" in before and "model.embed_tokens.weight" in before
     changed = {k for k, v in trainable(model).items() if not np.array_equal(before[k], np.array(v))}
-    assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
-    base, _ = load_student(cfg.model)
-    assert np.array_equal(np.array(model.lm_head.weight), np.array(base.lm_head.weight))
+    assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+    assert len(changed) == len(before)

@@ -14,8 +14,7 @@ Tiny CPU size: bench_step("lab", batch=2, group=1, max_new_tokens=8, repeats=1).
 
 FLOPs (N_body: the decoder's matmul weights, N_head: the output head, per token): a forward
 is 2N, the student's backward 2N more for input gradients plus 2N for weight gradients where
-weights train (full fine-tuning; an untied head is frozen, a tied head's output-side
-gradient is not counted; LoRA's own FLOPs are negligible). The student and each teacher view
+weights train (full fine-tuning; the head's weight gradient, tied or not, is not counted; LoRA's own FLOPs are negligible). The student and each teacher view
 run the backbone over prompt + response[:-1] and the head over the response only (the teacher views' head projections happen inside the
 fused loss, so they count in the update phase); the rollout and the teacher views run each
 prompt once per group (prefix.py), then one position per response token. Padding and attention's T^2 term are not counted.

@@ -35,9 +35,16 @@ class LabSettings:
     warm_batch: int = 32
     warm_lr: float = 3e-3
     warm_view_mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+    # the student view is warm-started on problems with k <= this only (0: every k); longer
+    # ones are seen through the privileged views alone: a teacher that reads its hints at
+    # every k, a student sharp on short problems and imperfect on long ones (LAB.md)
+    student_view_k_max: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"v": __version__, **asdict(self)}, sort_keys=True, default=str)
+        values = asdict(self)
+        if not values["student_view_k_max"]:  # keys of labs built before the field existed
+            del values["student_view_k_max"]
+        blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

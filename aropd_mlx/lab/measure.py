@@ -83,8 +83,23 @@ def measure_teacher(model, tokenizer, examples, views, *, max_new_tokens: int,
     return out
 
 
-def measure_lab(lab, seed: int = 0) -> dict:
-    """`measure_teacher` of a prepared lab (setup.Lab) on its held-out problems."""
+def dev_examples(settings, n_per_k: int | None = None) -> list:
+    """Problems drawn apart from both the training pool and the held-out set (another seed
+    stream), per k of settings.eval_ks: choosing a lab recipe on these keeps the held-out set
+    for the results."""
+    import random
+
+    from aropd_mlx.data import Example
+
+    rng = random.Random(20_000 + settings.seed)
+    n = n_per_k or settings.n_eval_per_k
+    return [Example(**task.make_example(rng, k, id=f"dev-k{k}-{i}"))
+            for k in settings.eval_ks for i in range(n)]
+
+
+def measure_lab(lab, seed: int = 0, dev: bool = False) -> dict:
+    """`measure_teacher` of a prepared lab (setup.Lab) on its held-out problems (`dev`: on
+    dev_examples instead)."""
     from mlx_lm import load
 
     from aropd_mlx.config import load_config
@@ -92,7 +107,8 @@ def measure_lab(lab, seed: int = 0) -> dict:
 
     model, tokenizer = load(str(lab.model_path))
     cfg = load_config(overrides=lab.overrides())
-    examples = load_examples(str(lab.eval_path), need=("question", "solution", "answer"))
+    examples = (dev_examples(lab.settings) if dev else
+                load_examples(str(lab.eval_path), need=("question", "solution", "answer")))
     return measure_teacher(model, tokenizer, examples, cfg.views,
                            max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
 

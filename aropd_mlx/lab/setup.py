@@ -73,6 +73,23 @@ def write_data(settings: LabSettings, root: Path) -> None:
     write_examples(root / "eval.jsonl", eval_examples(settings))
 
 
+def warm_encoder(settings: LabSettings, cfg, tokenizer):
+    """The warm start's prompt encoder: past settings.student_view_k_max operations, an
+    example's "student" prompt is its partial view, so long problems train the privileged
+    views only (the draw's view mix then applies between partial and full)."""
+    from aropd_mlx.batches import PromptEncoder
+
+    class WarmEncoder(PromptEncoder):
+        def _encode(self, ex):
+            enc = super()._encode(ex)
+            limit = settings.student_view_k_max
+            if enc is not None and limit and len(task.parse_question(ex.question)[1]) > limit:
+                enc.prompts["student"] = enc.prompts["partial"]
+            return enc
+
+    return WarmEncoder(cfg, tokenizer)
+
+
 def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = None) -> Path:
     """Train the tiny model from scratch with the project's own `sft`, then save it as a model."""
     import mlx.core as mx
@@ -96,7 +113,8 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     shutil.rmtree(cfg.out, ignore_errors=True)  # what an interrupted build left
     model, tokenizer = load_student(cfg.model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
-    train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step)
+    train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step,
+          encoder=warm_encoder(settings, cfg, tokenizer))
     out = root / "model.tmp"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(init_dir, out)

@@ -196,9 +196,9 @@ class TorchStudent:
     """A transformers model with the LoRA mirror attached; the teacher is the same model with
     LoRA off (the frozen self-teacher).
 
-    `full=True` mirrors full fine-tuning instead: no LoRA, every weight trains except an untied
-    lm_head (aropd-mlx keeps that frozen; a tied one trains through both of its uses), and the
-    frozen teacher is the model's weights as loaded (at step 0: the student itself)."""
+    `full=True` mirrors full fine-tuning instead: no LoRA, every weight trains (a tied head
+    through both of its uses), and the frozen teacher is the model's weights as loaded (at
+    step 0: the student itself)."""
 
     def __init__(self, model: nn.Module, spec: LoraSpec | None, device: str, full: bool = False):
         self.model, self.spec, self.device, self.full = model, spec, device, full
@@ -208,9 +208,6 @@ class TorchStudent:
             # torch's padding_idx drops the pad row's lookup gradient; mlx-lm's embedding has
             # no such rule (a sampled pad id is an input like any other): mirror mlx-lm
             model.get_input_embeddings().padding_idx = None
-            head = model.get_output_embeddings()
-            if head is not None and head.weight is not model.get_input_embeddings().weight:
-                head.requires_grad_(False)
         self.model.to(device)
 
     @classmethod

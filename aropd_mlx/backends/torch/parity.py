@@ -284,7 +284,7 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
     trainer does). adapter: a run or adapter directory (default: fresh adapters, lora_b = 0).
     torch_adapter: other adapters for the torch side only (to see the harness fail).
     fine_tune: "lora", or "full" (every weight trains, the tied embedding through both of its
-    uses; an untied lm_head stays frozen on both sides): every weight's gradient is compared."""
+    uses; an untied lm_head trains too): every weight's gradient is compared."""
     import mlx.core as mx
 
     from aropd_mlx.backends.torch.model import TorchStudent, resolve_device

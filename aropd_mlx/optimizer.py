@@ -14,7 +14,6 @@ inputs and outputs). Parameter shapes never change, so it compiles once per run.
 
 from __future__ import annotations
 
-import weakref
 from functools import partial
 
 import mlx.core as mx
@@ -69,12 +68,11 @@ class OptimizerStep:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
 
-_STEPS: "weakref.WeakKeyDictionary[optim.Optimizer, OptimizerStep]" = weakref.WeakKeyDictionary()
-
-
 def optimizer_step(model, optimizer: optim.Optimizer, grad_clip: float) -> OptimizerStep:
-    """The compiled step of this (model, optimizer), made on first use and kept with it."""
-    step = _STEPS.get(optimizer)
+    """The compiled step of this (model, optimizer), made on first use and kept on the
+    optimizer itself (a table keyed by the optimizer would hold it, and the model, forever)."""
+    step = getattr(optimizer, "_aropd_step", None)
     if step is None or step.model is not model or step.grad_clip != grad_clip:
-        step = _STEPS[optimizer] = OptimizerStep(model, optimizer, grad_clip)
+        step = OptimizerStep(model, optimizer, grad_clip)
+        optimizer._aropd_step = step
     return step

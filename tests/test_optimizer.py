@@ -68,3 +68,22 @@ def test_a_replaced_optimizer_state_is_followed():
     assert int(opt_ours.state["step"]) == 2
     for name, v in _flat(ref).items():
         np.testing.assert_allclose(_flat(ours)[name], v, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_the_compiled_step_does_not_keep_model_and_optimizer_alive():
+    import gc
+    import weakref
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from aropd_mlx.optimizer import optimizer_step
+
+    model = nn.Linear(4, 4)
+    opt = optim.AdamW(1e-3)
+    opt.init(model.trainable_parameters())
+    assert optimizer_step(model, opt, 1.0) is optimizer_step(model, opt, 1.0)  # made once
+    alive = weakref.ref(model)
+    del model, opt
+    gc.collect()
+    assert alive() is None

@@ -208,9 +208,7 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     scored, measured["scoring"], seconds["scoring"] = _measure(scoring)
     _, measured["update"], seconds["update"] = _measure(lambda: update(scored))
     measured = {k: v - other for k, v in measured.items()}
-    from aropd_mlx.optimizer import _STEPS
-
-    _STEPS.pop(optimizer, None)  # its compiled step holds the model: free it for the next run
+    optimizer.__dict__.pop("_aropd_step", None)  # the compiled step holds the model: free it now
     full = mshape.layers if model_path else SHAPES[model_name]["layers"]
     at_full = predict(replace(mshape, layers=full), run, plan.scoring_rows, plan.update_rows,
                       plan.checkpoint)

@@ -67,7 +67,9 @@ class TrainSettings:
     lr_schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # of every optimizer that has one (Adam has none)
+    optimizer: str = "adamw"  # adamw | adam | sgd | adafactor | muon (optimizer.py)
+    optimizer_config: dict[str, typing.Any] | None = None  # its parameters: {betas: [0.9, 0.95]}
     grad_clip: float = 1.0  # max global grad norm; 0: off
     lam_schedule: str = "constant"  # constant | linear-warmup | cosine (lambda over training)
     lam_warmup_steps: int = 0
@@ -94,6 +96,9 @@ class TrainSettings:
                             f"got {self.lam_schedule!r}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.micro_batch_size < 0:
             raise UserError("train.grad_clip, weight_decay and micro_batch_size must be >= 0")
+        from aropd_mlx.optimizer import optimizer_kwargs
+
+        optimizer_kwargs(self.optimizer, self.optimizer_config, self.weight_decay)
         if len(self.sft_view_mix) != 3 or min(self.sft_view_mix) < 0 or sum(self.sft_view_mix) <= 0:
             raise UserError("train.sft_view_mix must be three non-negative weights, not all zero")
 

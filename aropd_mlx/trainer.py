@@ -2,13 +2,14 @@
 
 One step (DESIGN.md): draw prompts -> the student samples G responses each (SFT: the oracle
 trace instead) -> the teacher scores them under the method's views (no grad) -> the student
-is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> AdamW.
+is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> the optimizer
+(train.optimizer: AdamW by default).
 
     run_dir = train(cfg, model, tokenizer, examples)          # writes metrics, adapters, summary
 
 run_step: draw_responses -> score_views under the teacher (its hidden states per view, and
 its own output head: `Scored`) -> accumulate (loss and gradients over micro-batches, summed
-over ranks) -> apply_update (clip, AdamW, skipped when not finite).
+over ranks) -> apply_update (clip, optimizer, skipped when not finite).
 
 Every random draw of step s comes from seeds derived from (train.seed, s), and every piece of
 state lives in the checkpoint, so a resumed run repeats an uninterrupted one bit for bit.

@@ -25,7 +25,8 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "seed": "train.seed", "batch_size": "train.batch_size", "lr": "train.learning_rate",
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
-             "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from"}
+             "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from",
+             "optimizer": "train.optimizer"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
@@ -224,6 +225,8 @@ def train_command(
     group_size: Optional[int] = typer.Option(None, help="Rollouts per prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Rollout length limit."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    optimizer: Optional[str] = typer.Option(None, help=(
+        "adamw | adam | sgd | adafactor | muon (parameters: train.optimizer_config).")),
     eval_data: Optional[str] = typer.Option(None, help=(
         "Held-out data for before/after evaluation (same forms as --data; a dataset's "
         "validation, else test split).")),
@@ -249,7 +252,8 @@ def train_command(
                  out=out, lam=lam, clip=_clip_value(clip), alpha=alpha, teacher=teacher, seed=seed,
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
-                 data_split=data_split, columns=_columns_value(columns), answer_from=answer_from)
+                 data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
+                 optimizer=optimizer)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running

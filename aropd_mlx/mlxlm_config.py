@@ -17,6 +17,8 @@ as `iters`, `num_layers`, `lora_parameters`, `adapter_path`). Each key becomes o
     grad_checkpoint -> train.grad_checkpoint (where this version has it)
     adapter_path -> out (the run directory: adapters.safetensors + adapter_config.json there)
     seed -> train.seed    save_every -> train.save_every    trust_remote_code -> model.*
+    report_to (wandb, tensorboard; "a,b" or a list) -> train.report_to
+    project_name -> train.project_name (W&B)    wandb: PROJECT (older mlx-lm) -> both
     max_seq_length -> data.max_prompt_tokens (a longer prompt is skipped; responses are bounded
          by rollout.max_new_tokens)
 
@@ -45,11 +47,10 @@ from aropd_mlx.errors import UserError
 MAPPED = ("model", "data", "fine_tune_type", "num_layers", "lora_parameters", "learning_rate",
           "iters", "batch_size", "grad_checkpoint", "optimizer", "optimizer_config",
           "lr_schedule", "adapter_path", "seed", "save_every", "max_seq_length",
-          "trust_remote_code")
+          "trust_remote_code", "report_to", "project_name", "wandb")
 IGNORED = ("steps_per_report", "steps_per_eval", "val_batches", "test_batches",
-           "clear_cache_threshold", "mask_prompt", "project_name", "config")
-CHECKED = ("train", "test", "resume_adapter_file", "report_to", "grad_accumulation_steps",
-           "hf_dataset", "wandb")
+           "clear_cache_threshold", "mask_prompt", "config")
+CHECKED = ("train", "test", "resume_adapter_file", "grad_accumulation_steps", "hf_dataset")
 MLX_LM_KEYS = MAPPED + IGNORED + CHECKED
 OUR_SECTIONS = ("views", "rollout", "objective")  # ours, allowed beside mlx-lm's keys
 DEFAULTS = {"model.lora_layers": 16, "train.batch_size": 4, "train.steps": 1000,
@@ -215,12 +216,16 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
             if value:
                 raise UserError(f"{where(key)}: test: true cannot be honoured: after training, "
                                 "`aropd-mlx eval --adapter RUN --data TEST` evaluates")
-        elif key in ("resume_adapter_file", "report_to", "hf_dataset", "wandb"):
+        elif key in ("report_to", "project_name") and value in (None, ""):
+            continue  # mlx-lm's default: none
+        elif key == "wandb":  # older mlx-lm: `wandb: PROJECT` reports there
+            if value:
+                put("train.report_to", ["wandb"], key)
+                put("train.project_name", value, key)
+        elif key in ("resume_adapter_file", "hf_dataset"):
             if value:
                 fix = {"resume_adapter_file": "--resume continues a run from its checkpoints",
-                       "report_to": "metrics go to RUN/metrics.jsonl",
-                       "hf_dataset": "give data: hf://datasets/OWNER/NAME and --columns",
-                       "wandb": "metrics go to RUN/metrics.jsonl"}[key]
+                       "hf_dataset": "give data: hf://datasets/OWNER/NAME and --columns"}[key]
                 raise UserError(f"{where(key)}: {key} cannot be honoured ({fix})")
         elif key == "grad_accumulation_steps":
             if value not in (None, 1):
@@ -233,7 +238,8 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
                       "batch_size": "train.batch_size", "adapter_path": "out",
                       "seed": "train.seed", "save_every": "train.save_every",
                       "max_seq_length": "data.max_prompt_tokens",
-                      "trust_remote_code": "model.trust_remote_code"}[key]
+                      "trust_remote_code": "model.trust_remote_code",
+                      "report_to": "train.report_to", "project_name": "train.project_name"}[key]
             put(target, value, key)
     if "lr_schedule" in tree:  # after learning_rate: the schedule's peak wins, as in mlx-lm
         sched = _lr_schedule(tree["lr_schedule"], where)

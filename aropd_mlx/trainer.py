@@ -45,6 +45,7 @@ from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.rundir import RunDir
 from aropd_mlx.scoring import response_hidden, score_views
+from aropd_mlx.tracking import Tracking
 
 
 @dataclass
@@ -311,10 +312,12 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
     view's prompt ids (default batches.PromptEncoder; the lab's warm start uses its own). A
     failed write in the run directory (a full disk) is a one-line UserError."""
     run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    tracking = Tracking(cfg, resume=resume)  # train.report_to (W&B, TensorBoard): rank 0 only
     try:
-        with run:
+        with run, tracking:
             return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
-                          on_step=on_step, stop_after=stop_after, run=run, encoder=encoder)
+                          on_step=on_step, stop_after=stop_after, run=run, encoder=encoder,
+                          tracking=tracking)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -323,7 +326,8 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
-           run: RunDir, encoder: PromptEncoder | None = None) -> dict:
+           run: RunDir, encoder: PromptEncoder | None = None,
+           tracking: Tracking | None = None) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
     if cfg.train.batch_size < world.size:
@@ -338,6 +342,9 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
     optimizer.init(model.trainable_parameters())
     state = restore(run_dir, model, optimizer, teacher, world) if resume else LoopState()
     tracker = RunDiagnostics.resume(run_dir, state.step) if world.is_main else None
+    tracking = tracking or Tracking(cfg, resume=resume)
+    if world.is_main and not run.staged:  # staged (--overwrite): from its first checkpoint on
+        tracking.start(run_dir, state.step)
     metrics_path, t = run_dir / "metrics.jsonl", cfg.train
     done_here, lines_here = 0, []
     while state.step < t.steps and (stop_after is None or done_here < stop_after):
@@ -349,6 +356,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
         line["skipped_updates"] = state.skipped_updates
         if world.is_main:
             _append_metrics(metrics_path, line)
+            tracking.log(line)
         else:
             lines_here.append(line)
         if on_step:
@@ -369,6 +377,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
             if run.staged:  # --overwrite: the new run has a checkpoint; now it replaces the old
                 run_dir = tracker.run_dir = run.commit()
                 metrics_path = run_dir / "metrics.jsonl"
+                tracking.start(run_dir, state.step)
     if not world.is_main:  # the other ranks write nothing; the same keys, from this call's steps
         last = lines_here[-10:]
         return {"steps_done": state.step, "skipped_updates": state.skipped_updates,
@@ -378,7 +387,10 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                 "response_tokens": int(sum(l["response_tokens"] for l in lines_here))}
     if state.step >= t.steps:
         save_adapters(run_dir, model, cfg.model)
-    return summarize(run_dir, state, encoder.skipped)
+    summary = summarize(run_dir, state, encoder.skipped)
+    if state.step >= t.steps:
+        tracking.finish(run_dir, summary)  # the report plots and the summary, to the trackers
+    return summary
 
 
 def summarize(run_dir: Path, state: LoopState, skipped_prompts: int) -> dict:

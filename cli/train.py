@@ -26,7 +26,7 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
              "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from",
-             "optimizer": "train.optimizer"}
+             "optimizer": "train.optimizer", "report_to": "train.report_to"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
@@ -227,6 +227,8 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     optimizer: Optional[str] = typer.Option(None, help=(
         "adamw | adam | sgd | adafactor | muon (parameters: train.optimizer_config).")),
+    report_to: Optional[str] = typer.Option(None, help=(
+        "Log each step's metrics to wandb and/or tensorboard too: 'wandb', 'wandb,tensorboard'.")),
     eval_data: Optional[str] = typer.Option(None, help=(
         "Held-out data for before/after evaluation (same forms as --data; a dataset's "
         "validation, else test split).")),
@@ -253,8 +255,11 @@ def train_command(
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
                  data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
-                 optimizer=optimizer)
+                 optimizer=optimizer, report_to=report_to)
     cfg, lab = resolve_config(config, flags, resume)
+    from aropd_mlx.tracking import check_trackers
+
+    check_trackers(cfg.train.report_to)  # a missing wandb/tensorboard fails now, in one line
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (

@@ -133,14 +133,13 @@ class Tracking:
         self.trackers: list | None = None
         self.pending: list[dict] = []
         self.last_step = 0
-        if self.names:
-            check_trackers(self.names)
 
     def start(self, run_dir: Path, first_step: int = 0) -> None:
         """Open the trackers in the (final) run directory; `first_step`: the step a resumed
         run continues after (0: a fresh run)."""
         if not self.names or self.trackers is not None:
             return
+        check_trackers(self.names)  # here: only the rank that logs needs the packages
         import yaml
 
         from aropd_mlx.config import to_dict

@@ -45,7 +45,7 @@ from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.rundir import RunDir
 from aropd_mlx.scoring import response_hidden, score_views
-from aropd_mlx.tracking import Tracking
+from aropd_mlx.tracking import Tracking, check_trackers
 
 
 @dataclass
@@ -336,6 +336,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
     encoder = encoder or PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
     if world.is_main:  # only rank 0 writes in the run directory (and holds its lock)
+        check_trackers(cfg.train.report_to)  # and logs: a missing package fails before it
         run_dir = run.open()  # --overwrite: a staging directory until the first checkpoint
         save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg)

@@ -257,9 +257,6 @@ def train_command(
                  data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
                  optimizer=optimizer, report_to=report_to)
     cfg, lab = resolve_config(config, flags, resume)
-    from aropd_mlx.tracking import check_trackers
-
-    check_trackers(cfg.train.report_to)  # a missing wandb/tensorboard fails now, in one line
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (
@@ -273,6 +270,9 @@ def train_command(
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
         train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)
         return
+    from aropd_mlx.tracking import check_trackers
+
+    check_trackers(cfg.train.report_to)  # rank 0 logs: a missing wandb/tensorboard is one line
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
     from aropd_mlx.lab.defaults import lab_record

@@ -236,7 +236,7 @@ def test_a_missing_package_is_one_line(monkeypatch, tiny_llama, tmp_path):
     monkeypatch.setattr(tracking.importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"wandb is not installed: pip install 'aropd-mlx\[wandb\]'"):
-        tracking.Tracking(load_config(overrides={"train.report_to": "wandb"}))
+        tracking.Tracking(load_config(overrides={"train.report_to": "wandb"})).start(tmp_path)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "Q:1+1", "solution": "1+1=2", "answer": "2"}) + "\n")
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_llama), "--data", str(data),
@@ -244,4 +244,4 @@ def test_a_missing_package_is_one_line(monkeypatch, tiny_llama, tmp_path):
                                       "--no-eval"])
     assert result.exit_code != 0
     err = result.stderr.strip().splitlines()[-1]
-    assert "wandb is not installed" in err and not (tmp_path / "r").exists()
+    assert "wandb is not installed" in err and not (tmp_path / "r").exists()  # before training

@@ -62,7 +62,12 @@ class TrainSettings:
     method: str = "ar-opd"
     steps: int = 100
     batch_size: int = 8  # prompts per step (each gets rollout.group_size responses)
-    micro_batch_size: int = 0  # rows per forward/backward; 0: the whole step at once
+    # Memory (memory.py plans what is left as None so the step fits train.memory_limit; a value
+    # set here wins). micro_batch_size: rows per student forward/backward, 0: the whole step.
+    micro_batch_size: int | None = None
+    scoring_micro_batch: int | None = None  # response rows per teacher forward (all views); 0: all
+    grad_checkpoint: bool | None = None  # recompute each student layer in the backward
+    memory_limit: str | None = None  # e.g. "12GB"; None: 70% of this machine's memory
     learning_rate: float = 1e-4
     lr_schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
@@ -96,8 +101,14 @@ class TrainSettings:
         if self.lam_schedule not in ("constant", "linear-warmup", "cosine"):
             raise UserError("train.lam_schedule must be constant, linear-warmup or cosine, "
                             f"got {self.lam_schedule!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.micro_batch_size < 0:
-            raise UserError("train.grad_clip, weight_decay and micro_batch_size must be >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0 or (self.micro_batch_size or 0) < 0 \
+                or (self.scoring_micro_batch or 0) < 0:
+            raise UserError("train.grad_clip, weight_decay, micro_batch_size and "
+                            "scoring_micro_batch must be >= 0")
+        if self.memory_limit is not None:
+            from aropd_mlx.memory import parse_size
+
+            parse_size(self.memory_limit, "train.memory_limit")
         from aropd_mlx.optimizer import optimizer_kwargs
 
         optimizer_kwargs(self.optimizer, self.optimizer_config, self.weight_decay)

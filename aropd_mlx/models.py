@@ -159,6 +159,44 @@ def hidden_states(model: nn.Module, inputs: mx.array) -> mx.array:
     return model.model(inputs)
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of a layer class whose __call__ runs under mx.checkpoint: the backward
+    recomputes the layer's activations from its input instead of keeping them (mlx-lm's
+    tuner.trainer.grad_checkpoint does the same by patching the class itself, which would
+    reach every instance in the process: the teacher, other models)."""
+    if cls not in _CHECKPOINTED:
+        call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+    return _CHECKPOINTED[cls]
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True):
+    """Inside: the model's decoder layers (these instances only) recompute their activations
+    in the backward (train.grad_checkpoint). Memory kept for the backward drops from every
+    layer's activations to each layer's input, for about one more forward of compute."""
+    layers = list(getattr(model, "layers", [])) if enabled else []
+    saved = [layer.__class__ for layer in layers]
+    try:
+        for layer in layers:
+            layer.__class__ = _checkpointed_class(layer.__class__)
+        yield model
+    finally:
+        for layer, cls in zip(layers, saved):
+            layer.__class__ = cls
+
+
 def check_supported(model: nn.Module, tokenizer) -> None:
     """The fused loss needs logits = head(hidden): verify it on a few tokens, once."""
     if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):

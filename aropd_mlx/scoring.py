@@ -64,17 +64,30 @@ def cached_response_hidden(model, prompts: list[list[int]], tokens: np.ndarray,
 
 
 def score_views(model, view_prompts: dict[str, list[list[int]]], tokens: np.ndarray,
-                lengths: list[int], pad_id: int = 0) -> dict[str, mx.array]:
-    """Teacher hidden states for several views of the same responses, in one batch.
+                lengths: list[int], pad_id: int = 0, micro_batch: int = 0) -> dict[str, mx.array]:
+    """Teacher hidden states for several views of the same responses.
 
-    `view_prompts[name][i]` is row i's prompt under that view. Returns {name: (N, T, H)},
-    evaluated and detached from any graph."""
+    `view_prompts[name][i]` is row i's prompt under that view. `micro_batch`: response rows
+    per forward (every view of those rows in one batch, so 2 x micro_batch sequences for
+    AR-OPD); 0 = all rows at once. Each micro-batch shares its own distinct prompts' prefill
+    and is evaluated before the next, so the KV caches and activations in flight are those of
+    one micro-batch (memory.py). Returns {name: (N, T, H)}, evaluated and detached from any
+    graph; equal to one pass up to float32 summation order (a BLAS blocks by batch shape)."""
     names = list(view_prompts)
     n = tokens.shape[0]
-    prompts = [p for name in names for p in view_prompts[name]]
-    stacked = np.concatenate([tokens] * len(names), axis=0)
+    size = n if micro_batch <= 0 else min(micro_batch, n)
     score = cached_response_hidden if supports_prefix_cache(model) else response_hidden
-    h = mx.stop_gradient(score(model, prompts, stacked, lengths * len(names), pad_id))
-    out = {name: h[i * n:(i + 1) * n] for i, name in enumerate(names)}
+    parts: dict[str, list[mx.array]] = {name: [] for name in names}
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
+        m = sl.stop - sl.start
+        prompts = [p for name in names for p in view_prompts[name][sl]]
+        stacked = np.concatenate([tokens[sl]] * len(names), axis=0)
+        h = mx.stop_gradient(score(model, prompts, stacked, list(lengths[sl]) * len(names),
+                                   pad_id))
+        for i, name in enumerate(names):
+            parts[name].append(h[i * m:(i + 1) * m])
+        mx.eval([p[-1] for p in parts.values()])  # one micro-batch in flight at a time
+    out = {name: (p[0] if len(p) == 1 else mx.concatenate(p, axis=0)) for name, p in parts.items()}
     mx.eval(out)
     return out

@@ -39,7 +39,8 @@ from aropd_mlx.diagnostics import RunDiagnostics
 from aropd_mlx.errors import UserError
 from aropd_mlx.fused import fused_loss
 from aropd_mlx.head import OutputHead, head_from_model
-from aropd_mlx.models import Teacher, save_adapters, trainable
+from aropd_mlx.memory import plan_for_run
+from aropd_mlx.models import Teacher, checkpointed_layers, save_adapters, trainable
 from aropd_mlx.objective import ObjectiveSettings, response_mask
 from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
@@ -162,8 +163,9 @@ def accumulate(cfg, model, scored: Scored, settings: ObjectiveSettings, *,
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     model.train()  # dropout (if any) in the student's update only, not in rollouts or scoring
-    for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size):
-        (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
+    for sl in _micro_batches(tokens_np.shape[0], cfg.train.micro_batch_size or 0):
+        with checkpointed_layers(model, bool(cfg.train.grad_checkpoint)):  # these layers only
+            (loss, out), g = value_and_grad(model, sl, 1.0 / max(total_w, 1.0))
         grads = g if grads is None else tree_map_add(grads, g)
         m = valid[sl]
         sums = {k: (v * m).sum() for k, v in out.diagnostics.items()}
@@ -216,7 +218,8 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
     if views:
         with teacher.active(model) as scorer:  # each view is projected by its own model's head
             scored.teacher_h = score_views(scorer, {v: rows[v] for v in views},
-                                           np.array(resp.tokens), resp.lengths, pad_id)
+                                           np.array(resp.tokens), resp.lengths, pad_id,
+                                           micro_batch=cfg.train.scoring_micro_batch or 0)
             scored.teacher_head = head_from_model(scorer)
     t2 = time.perf_counter()
     acc = accumulate(cfg, model, scored, settings, tracker=tracker, world=world,
@@ -302,22 +305,26 @@ def restore(run_dir: Path, model, optimizer, teacher: Teacher,
 def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
           resume: bool = False, on_step: Callable[[dict], None] | None = None,
           stop_after: int | None = None, overwrite: bool = False,
-          run: RunDir | None = None, encoder: PromptEncoder | None = None) -> dict:
+          run: RunDir | None = None, encoder: PromptEncoder | None = None,
+          on_plan: Callable[[str], None] | None = None) -> dict:
     """Train to cfg.train.steps (from the latest checkpoint when `resume`); returns the summary.
 
     A directory holding a previous run is refused unless `resume` (continue it) or `overwrite`
     (replace it, once the new run has its first checkpoint); `run`: a RunDir the caller holds
-    (the CLI: its lock then covers the evaluations around training). `stop_after`: return after
-    this many steps of this call (tests of interruption). `encoder`: how examples become each
-    view's prompt ids (default batches.PromptEncoder; the lab's warm start uses its own). A
-    failed write in the run directory (a full disk) is a one-line UserError."""
+    (the CLI: its lock then covers the evaluations around training). Before the first step the
+    memory plan (memory.py) fills in the micro-batches and checkpointing the config leaves
+    open, and `on_plan` gets its one line; a run that cannot fit stops here, having written
+    nothing. `stop_after`: return after this many steps of this call (tests of interruption).
+    `encoder`: how examples become each view's prompt ids (default batches.PromptEncoder; the
+    lab's warm start uses its own). A failed write in the run directory (a full disk) is a
+    one-line UserError."""
     run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
     tracking = Tracking(cfg, resume=resume)  # train.report_to (W&B, TensorBoard): rank 0 only
     try:
         with run, tracking:
             return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
                           on_step=on_step, stop_after=stop_after, run=run, encoder=encoder,
-                          tracking=tracking)
+                          on_plan=on_plan, tracking=tracking)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -327,6 +334,7 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
            run: RunDir, encoder: PromptEncoder | None = None,
+           on_plan: Callable[[str], None] | None = None,
            tracking: Tracking | None = None) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
@@ -335,6 +343,10 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                         "ranks: each rank needs at least one prompt per step")
     encoder = encoder or PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
+    plan = plan_for_run(cfg, model, encoder, examples)  # too big: fails before anything is written
+    cfg = plan.apply(cfg)
+    if on_plan is not None and world.is_main:
+        on_plan(plan.line())
     if world.is_main:  # only rank 0 writes in the run directory (and holds its lock)
         check_trackers(cfg.train.report_to)  # and logs: a missing package fails before it
         run_dir = run.open()  # --overwrite: a staging directory until the first checkpoint

@@ -5,6 +5,8 @@
     aropd-mlx bench peer --model lab --json runs/bench.json
     aropd-mlx bench peer --rounds 7 --steps-per-round 3   # interleaved rounds, more steps
     aropd-mlx bench step --quick --device cuda            # MLX's CUDA backend (and TRL on CUDA)
+    aropd-mlx bench memory --quick                        # planned vs measured peak per phase
+    aropd-mlx bench memory --model qwen2.5-1.5b           # 1.5B shape at 4 layers, extrapolated
 Results and goals: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -18,16 +20,18 @@ from aropd_mlx.errors import UserError
 
 from .common import handles_errors, table
 
-CHOICES = ("rollout", "scoring", "step", "objective", "peer", "all")
+CHOICES = ("rollout", "scoring", "step", "objective", "peer", "memory", "all")
+MODELS = ("lab", "56m", "qwen2.5-0.5b", "qwen2.5-1.5b")  # the last two: bench memory
 
 
 @handles_errors
 def bench_command(
-    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | all"),
+    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | memory | all"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here (JSON)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke run in seconds."),
     model: Optional[List[str]] = typer.Option(None, "--model",
-                                              help="Only these bench models (lab, 56m); repeatable."),
+                                              help="Only these bench models (lab, 56m; memory: "
+                                                   "qwen2.5-0.5b, qwen2.5-1.5b); repeatable."),
     no_install: bool = typer.Option(False, "--no-install",
                                     help="peer: skip TRL when missing instead of pip-installing it."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1,
@@ -38,14 +42,14 @@ def bench_command(
     device: str = typer.Option("auto", "--device",
                                help="auto | cpu | cuda: MLX's device and where TRL runs (peer)."),
 ):
-    """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer."""
+    """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer, memory plan."""
     from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
 
     if what not in CHOICES:
         raise UserError(f"bench: unknown benchmark {what!r} (choose from {', '.join(CHOICES)})")
     for m in model or []:
-        if m not in ("lab", "56m"):
-            raise UserError(f"--model must be lab or 56m, got {m!r}")
+        if m not in MODELS:
+            raise UserError(f"--model must be one of {', '.join(MODELS)}, got {m!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     which = list(BENCHMARKS) if what == "all" else [what]

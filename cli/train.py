@@ -5,6 +5,7 @@
     aropd-mlx train --out runs/qwen --resume         # continue an interrupted run (or: the same
                                                      #  command plus --resume)
     aropd-mlx train ... --out runs/qwen --overwrite  # replace the run in runs/qwen
+    aropd-mlx train -c qwen.yaml --memory-limit 12GB --dry-run   # the memory plan, nothing run
     aropd-mlx eval --adapter runs/qwen --data held_out.jsonl
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
              "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from",
-             "optimizer": "train.optimizer", "report_to": "train.report_to"}
+             "memory_limit": "train.memory_limit", "optimizer": "train.optimizer",
+             "report_to": "train.report_to"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
@@ -234,6 +236,11 @@ def train_command(
         "validation, else test split).")),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model repo code."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=(
+        "Peak memory the step must fit, e.g. 12GB (default: 70% of this machine's memory); the "
+        "memory plan picks micro-batches and checkpointing to fit it.")),
+    dry_run: bool = typer.Option(False, "--dry-run", help=(
+        "Print the memory plan and exit: nothing is trained or written.")),
 ):
     """Train with AR-OPD (or a baseline). With no arguments: the built-in lab, end to end.
 
@@ -255,17 +262,27 @@ def train_command(
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
                  data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
-                 optimizer=optimizer, report_to=report_to)
+                 memory_limit=memory_limit, optimizer=optimizer, report_to=report_to)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
-    check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
+    if not dry_run:
+        check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
     need = ("question", "solution", "answer") if cfg.train.method in (
         "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
     examples, eval_examples = train_and_eval(cfg.data, need)  # data.eval or eval_fraction held out
     student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
     teacher_ = Teacher.create(student, tokenizer, cfg.model)
+    from aropd_mlx.batches import PromptEncoder
     from aropd_mlx.distributed import init
+    from aropd_mlx.memory import plan_for_run
+
+    plan = plan_for_run(cfg, student, PromptEncoder(cfg, tokenizer), examples)  # too big: stops
+    if init().is_main:
+        typer.echo(plan.line(), err=dry_run is False)
+    if dry_run:
+        return
+    cfg = plan.apply(cfg)  # the run (and its config.yaml) with the planned settings
 
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
         train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks: each runs at a tiny size and returns well-formed numbers.
 No timing is asserted (the machines are shared and noisy); only shapes, counts and keys."""
 import json
+import re
 import math
 
 import pytest
@@ -201,3 +202,24 @@ def test_cli_peer_rounds_flags_and_device(tmp_path, monkeypatch):
     assert "3 rounds x 1 timed steps" in res.output
     bad = CliRunner().invoke(app, ["peer", "--device", "tpu"])
     assert bad.exit_code == 2 and "--device" in bad.output
+
+
+def test_bench_memory_prints_planned_beside_measured(tiny_qwen2):
+    """A tiny `bench memory` (the tiny qwen2, tied, GQA): every phase's line, and the plan
+    within a loose factor of the measured peak (the 15% goal is judged at real shapes)."""
+    from aropd_mlx.bench.memory import PHASES
+    from aropd_mlx.bench.suite import run_suite
+
+    lines = []
+    size = dict(model_path=tiny_qwen2, rows=4, group=2, student_prompt=24, view_prompt=48,
+                response=16, lora_rank=4, scoring_rows=2, update_rows=2, checkpoint=True)
+    res = run_suite(["memory"], sizes={"memory": [(None, size)]}, echo=lines.append)
+    text = "\n".join(lines)
+    (r,) = res["results"].values()
+    assert (r["scoring_rows"], r["update_rows"], r["checkpoint"]) == (2, 2, True)
+    for phase in PHASES:
+        assert re.search(rf"{phase} +predicted +[0-9.]+ [GM]B +measured +[0-9.]+ [GM]B +"
+                         r"measured/predicted [0-9.]+", text), text
+        assert 1 / 3 < r["measured"][phase] / r["predicted"][phase] < 3, (phase, r)
+    (row,) = res["table"]
+    assert row["benchmark"] == "memory" and row["result"].endswith("x")

@@ -119,3 +119,37 @@ def test_dedupe_keeps_first_seen_order():
     unique, index = dedupe([[1, 2], [3], [1, 2], (3,), [4]])
     assert unique == [[1, 2], [3], [4]]
     assert index.tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4, 9])
+def test_micro_batched_scoring_equals_one_pass(sharp_model, micro_batch):
+    """train.scoring_micro_batch: any number of rows at a time (2 and 4 cut prompt groups of
+    3 apart, 1 is row by row, 9 = all), both views, the same hidden states as one pass up to
+    float32 summation order (tests/helpers.py), prefix sharing kept inside each micro-batch."""
+    model = _variant(sharp_model, "lora")
+    views, tokens, lengths = _batch(seed=5)
+    want = score_views(model, views, tokens, lengths)
+    got = score_views(model, views, tokens, lengths, micro_batch=micro_batch)
+    spec = TinySpec()
+    path = spec.layers * (spec.hidden + spec.intermediate + tokens.shape[1] + 16)
+    for v in views:
+        w, g = np.array(want[v]), np.array(got[v])
+        assert g.shape == w.shape
+        tol = float32_tolerance(path, magnitude=float(np.abs(w).max()))
+        for i, n in enumerate(lengths):
+            np.testing.assert_allclose(g[i, :n], w[i, :n], rtol=0, atol=tol)
+
+
+def test_micro_batched_scoring_shares_prefixes_per_micro_batch(sharp_model, monkeypatch):
+    model = _variant(sharp_model, "plain")
+    views, tokens, lengths = _batch(seed=6)  # 3 prompts x 3 rows, two views
+    seen = []
+    real = scoring.prefill
+
+    def spy(model, prompts, *a, **k):
+        seen.append(len(prompts))
+        return real(model, prompts, *a, **k)
+
+    monkeypatch.setattr(scoring, "prefill", spy)
+    score_views(model, views, tokens, lengths, micro_batch=3)
+    assert seen == [2, 2, 2]  # each micro-batch: one prompt per view, prefilled once

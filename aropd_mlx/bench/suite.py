@@ -6,7 +6,8 @@
 
 Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, time split),
 step (full-step MFU on the 56M llama), objective (fused vs naive loss, owned by
-aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds). Every
+aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds),
+memory (the memory plan's prediction vs the measured peak per phase at Qwen2.5 shapes). Every
 ratio is measured inside one run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
 """
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer")
+BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory")
 
 # (model, sizes) per benchmark: the default run and the --quick smoke run
 SIZES = {
@@ -38,7 +39,18 @@ SIZES = {
     "peer": {"default": [("lab", dict(rows=16, max_new_tokens=80, rounds=5, steps_per_round=2)),
                          ("56m", dict(rows=8, max_new_tokens=32, rounds=5, steps_per_round=2))],
              "quick": [("lab", dict(rows=2, max_new_tokens=8, rounds=2, steps_per_round=1))]},
+    # memory: real per-row shapes (prompt 256, views 768, rollouts 1024, G = 4, LoRA r16);
+    # 0.5B at 4 layers and full depth (the per-layer check), 1.5B at 4 layers, extrapolated
+    "memory": {"default": [("qwen2.5-0.5b", dict(layers=4, memory_limit="6GB")),
+                           ("qwen2.5-0.5b", dict(layers=None, memory_limit="6GB")),
+                           ("qwen2.5-1.5b", dict(layers=4, memory_limit="12GB"))],
+               "quick": [("qwen2.5-0.5b", dict(layers=2, rows=4, student_prompt=64,
+                                               view_prompt=192, response=128)),
+                         ("qwen2.5-0.5b", dict(layers=2, rows=4, student_prompt=64,
+                                               view_prompt=192, response=128, scoring_rows=2,
+                                               update_rows=2, checkpoint=True))]},
 }
+MEMORY_TOLERANCE = 0.15  # the plan within 15% of the measured peak
 
 
 def _goal(rows, bench, model, measure, value, goal, ok, unit="x"):
@@ -69,6 +81,21 @@ def goal_rows(bench: str, r: dict) -> list[dict]:
               "<= 0.1x", lambda v: v <= 0.1)
         _goal(rows, bench, f"V={r['vocab']}", "fused / naive time", r["time_ratio"], "<= 1.3x",
               lambda v: v <= 1.3)
+    elif bench == "memory":
+        label = f"{m} {r['layers']}L"
+        worst = max(r["ratio"].values(), key=lambda v: abs(v - 1))
+        _goal(rows, bench, label, f"measured / planned peak, worst phase (scoring {r['scoring_rows']}"
+              f", update {r['update_rows']}, ckpt {'on' if r['checkpoint'] else 'off'})", worst,
+              "0.85-1.15x", lambda v: abs(v - 1) <= MEMORY_TOLERANCE)
+        if r["layers"] < r["full_layers"] and m == "qwen2.5-1.5b":
+            peak = max(r["extrapolated_full_depth"].values()) / 1e9
+            rows.append({"benchmark": bench, "model": label, "measure":
+                         f"peak at {r['full_layers']} layers, extrapolated (GB)",
+                         "result": f"{peak:.2f}", "goal": "<= 12", "met": "yes" if peak <= 12 else "NO"})
+        if r["layers"] == r["full_layers"] and m == "qwen2.5-0.5b":
+            peak = max(r["measured"].values()) / 1e9
+            rows.append({"benchmark": bench, "model": label, "measure": "measured peak (GB)",
+                         "result": f"{peak:.2f}", "goal": "<= 6", "met": "yes" if peak <= 6 else "NO"})
     elif bench == "peer":
         if "skipped" in r:
             rows.append({"benchmark": bench, "model": m, "measure": r["skipped"], "result": "-",
@@ -97,6 +124,9 @@ def _runner(bench: str) -> tuple[Callable, Callable]:
     if bench == "peer":
         from aropd_mlx.bench.peer import bench_peer, format_peer
         return bench_peer, format_peer
+    if bench == "memory":
+        from aropd_mlx.bench.memory import bench_memory, format_memory
+        return bench_memory, format_memory
     try:
         from aropd_mlx.bench.objective import bench_objective, format_objective_bench
     except ImportError as e:
@@ -170,6 +200,10 @@ def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None
             result["wall_seconds"] = time.perf_counter() - t0
             echo(fmt(result))
             key = bench + (f"/{model}" if model else "")
+            if bench == "memory":  # one model at several depths and settings
+                key += f"/{result['layers']}L/" + ("planned" if "scoring_rows" not in kwargs
+                                                   else f"s{result['scoring_rows']}u"
+                                                   f"{result['update_rows']}")
             out["results"][key] = result
             out["table"].extend(goal_rows(bench, {**result, "model": model}))
     if hasattr(os, "getloadavg"):

@@ -72,7 +72,9 @@ class TrainSettings:
     lr_schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # of every optimizer that has one (Adam has none)
+    optimizer: str = "adamw"  # adamw | adam | sgd | adafactor | muon (optimizer.py)
+    optimizer_config: dict[str, typing.Any] | None = None  # its parameters: {betas: [0.9, 0.95]}
     grad_clip: float = 1.0  # max global grad norm; 0: off
     lam_schedule: str = "constant"  # constant | linear-warmup | cosine (lambda over training)
     lam_warmup_steps: int = 0
@@ -82,6 +84,8 @@ class TrainSettings:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many skipped (NaN/inf) updates in a row
     seed: int = 0
+    report_to: tuple[str, ...] = ()  # wandb, tensorboard: each step's metrics there too (tracking.py)
+    project_name: str | None = None  # the W&B project (None: aropd-mlx)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +109,15 @@ class TrainSettings:
             from aropd_mlx.memory import parse_size
 
             parse_size(self.memory_limit, "train.memory_limit")
+        from aropd_mlx.optimizer import optimizer_kwargs
+
+        optimizer_kwargs(self.optimizer, self.optimizer_config, self.weight_decay)
+        from aropd_mlx.tracking import TRACKERS
+
+        for name in self.report_to:
+            if name not in TRACKERS or self.report_to.count(name) > 1:
+                raise UserError(f"train.report_to: {name!r} is unknown or given twice (use "
+                                f"{', '.join(TRACKERS)}, or leave it empty)")
         if len(self.sft_view_mix) != 3 or min(self.sft_view_mix) < 0 or sum(self.sft_view_mix) <= 0:
             raise UserError("train.sft_view_mix must be three non-negative weights, not all zero")
 
@@ -137,9 +150,11 @@ def _check_type(value, annotation, key: str):
             return None
         return _check_type(value, args[0], key)
     if origin is tuple or hint is tuple:
+        item = (typing.get_args(hint) or (str,))[0]
+        if isinstance(value, str) and item is str:  # one name, or mlx-lm's "a,b"
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")
-        item = (typing.get_args(hint) or (str,))[0]
         return tuple(_check_type(v, item, key) for v in value)
     if hint is bool:
         if isinstance(value, bool):

@@ -11,18 +11,22 @@ as `iters`, `num_layers`, `lora_parameters`, `adapter_path`). Each key becomes o
     learning_rate -> train.learning_rate    iters -> train.steps    batch_size -> train.batch_size
     lr_schedule {name: cosine_decay, arguments: [peak, decay_steps, end], warmup} ->
          train.lr_schedule cosine, learning_rate, min_lr_ratio, warmup_steps; none: constant
-    optimizer adam | adamw (+ optimizer_config.adamw.weight_decay) -> AdamW, train.weight_decay
+    optimizer adam | adamw | sgd | adafactor | muon -> train.optimizer; optimizer_config.<it>
+         -> train.optimizer_config (its weight_decay: train.weight_decay); the other
+         optimizers' entries are ignored, as by mlx-lm
     grad_checkpoint -> train.grad_checkpoint (where this version has it)
     adapter_path -> out (the run directory: adapters.safetensors + adapter_config.json there)
     seed -> train.seed    save_every -> train.save_every    trust_remote_code -> model.*
+    report_to (wandb, tensorboard; "a,b" or a list) -> train.report_to
+    project_name -> train.project_name (W&B)    wandb: PROJECT (older mlx-lm) -> both
     max_seq_length -> data.max_prompt_tokens (a longer prompt is skipped; responses are bounded
          by rollout.max_new_tokens)
 
 Keys left out take mlx-lm's defaults where they differ from ours (num_layers 16, batch_size 4,
 iters 1000, learning_rate 1e-5, a constant learning rate, save_every 100, adapter_path
-adapters). Keys that only steer mlx-lm's reporting (steps_per_report, steps_per_eval,
-val_batches, ...) are ignored with one note. A value we cannot honour (optimizer: sgd,
-report_to, grad_accumulation_steps > 1, ...) is one error line; an unknown key is rejected by
+adapters, optimizer adam). Keys that only steer mlx-lm's reporting (steps_per_report, steps_per_eval,
+val_batches, ...) are ignored with one note. A value we cannot honour (lr_schedule:
+linear_schedule, grad_accumulation_steps > 1, ...) is one error line; an unknown key is rejected by
 name. Our own sections `views`, `rollout` and `objective` may sit beside mlx-lm's keys, and
 `data` may be our own section (train, eval, columns, answer_from, ...) instead of a path.
 
@@ -43,16 +47,15 @@ from aropd_mlx.errors import UserError
 MAPPED = ("model", "data", "fine_tune_type", "num_layers", "lora_parameters", "learning_rate",
           "iters", "batch_size", "grad_checkpoint", "optimizer", "optimizer_config",
           "lr_schedule", "adapter_path", "seed", "save_every", "max_seq_length",
-          "trust_remote_code")
+          "trust_remote_code", "report_to", "project_name", "wandb")
 IGNORED = ("steps_per_report", "steps_per_eval", "val_batches", "test_batches",
-           "clear_cache_threshold", "mask_prompt", "project_name", "config")
-CHECKED = ("train", "test", "resume_adapter_file", "report_to", "grad_accumulation_steps",
-           "hf_dataset", "wandb")
+           "clear_cache_threshold", "mask_prompt", "config")
+CHECKED = ("train", "test", "resume_adapter_file", "grad_accumulation_steps", "hf_dataset")
 MLX_LM_KEYS = MAPPED + IGNORED + CHECKED
 OUR_SECTIONS = ("views", "rollout", "objective")  # ours, allowed beside mlx-lm's keys
 DEFAULTS = {"model.lora_layers": 16, "train.batch_size": 4, "train.steps": 1000,
             "train.learning_rate": 1e-5, "train.lr_schedule": "constant",
-            "train.save_every": 100, "out": "adapters"}
+            "train.save_every": 100, "out": "adapters", "train.optimizer": "adam"}
 LORA_KEYS = {"rank": "model.lora_rank", "scale": "model.lora_scale",
              "dropout": "model.lora_dropout", "keys": "model.lora_keys"}
 
@@ -120,25 +123,35 @@ def _lr_schedule(value, where) -> dict:
     return out
 
 
-def _optimizer(tree: dict, where) -> dict:
+def _optimizer(tree: dict, where, notes: list[str]) -> dict:
+    """mlx-lm's `optimizer` and `optimizer_config.<name>` as train.optimizer,
+    train.optimizer_config and (its weight_decay) train.weight_decay."""
+    from aropd_mlx.optimizer import OPTIMIZERS
+
     name = tree.get("optimizer", "adam")
-    if name not in ("adam", "adamw"):
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
         raise UserError(f"{where('optimizer')}: optimizer: {name!r} cannot be honoured "
-                        "(aropd-mlx trains with AdamW: optimizer: adam or adamw)")
+                        f"(aropd-mlx has {', '.join(OPTIMIZERS)}, as mlx-lm)")
+    name = name.lower()  # mlx-lm lowercases it too
     config = tree.get("optimizer_config") or {}
     if not isinstance(config, dict):
-        raise UserError(f"{where('optimizer_config')}: optimizer_config: expected a mapping")
+        raise UserError(f"{where('optimizer_config')}: optimizer_config: expected a mapping "
+                        "(optimizer name: its parameters)")
+    for other in config:
+        if other not in OPTIMIZERS:
+            raise UserError(f"{where('optimizer_config')}: unknown key 'optimizer_config.{other}' "
+                            f"(known: {', '.join(OPTIMIZERS)})")
     chosen = config.get(name) or {}
     if not isinstance(chosen, dict):
         raise UserError(f"{where('optimizer_config')}: optimizer_config.{name}: expected a mapping")
-    out = {}
-    for key, value in chosen.items():
-        if key == "weight_decay" and name == "adamw":
-            out["train.weight_decay"] = value
-        else:
-            raise UserError(f"{where('optimizer_config')}: optimizer_config.{name}.{key} cannot "
-                            "be honoured (aropd-mlx's AdamW takes weight_decay, as "
-                            "optimizer_config.adamw.weight_decay)")
+    params = {k: v for k, v in chosen.items() if k != "weight_decay"}
+    out = {"train.optimizer": name, "train.optimizer_config": params or None}
+    if "weight_decay" in chosen:
+        out["train.weight_decay"] = chosen["weight_decay"]
+    if name == "adafactor" and "relative_step" not in chosen:
+        notes.append("optimizer: adafactor follows learning_rate here (relative_step: false, "
+                     "scale_parameter: false); mlx-lm's default relative steps: "
+                     "optimizer_config.adafactor.relative_step: true")
     return out
 
 
@@ -186,8 +199,9 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
                                     f"'lora_parameters.{sub}' (known: {', '.join(LORA_KEYS)})")
                 put(LORA_KEYS[sub], v, f"lora_parameters.{sub}")
         elif key in ("optimizer", "optimizer_config"):
-            for k, v in _optimizer(tree, where).items():
-                put(k, v, "optimizer_config")
+            if "train.optimizer" not in origin:  # once for the two keys
+                for k, v in _optimizer(tree, where, notes).items():
+                    put(k, v, "optimizer" if k == "train.optimizer" else "optimizer_config")
         elif key == "grad_checkpoint":
             if _has_train_key("grad_checkpoint"):
                 put("train.grad_checkpoint", value, key)
@@ -202,12 +216,16 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
             if value:
                 raise UserError(f"{where(key)}: test: true cannot be honoured: after training, "
                                 "`aropd-mlx eval --adapter RUN --data TEST` evaluates")
-        elif key in ("resume_adapter_file", "report_to", "hf_dataset", "wandb"):
+        elif key in ("report_to", "project_name") and value in (None, ""):
+            continue  # mlx-lm's default: none
+        elif key == "wandb":  # older mlx-lm: `wandb: PROJECT` reports there
+            if value:
+                put("train.report_to", ["wandb"], key)
+                put("train.project_name", value, key)
+        elif key in ("resume_adapter_file", "hf_dataset"):
             if value:
                 fix = {"resume_adapter_file": "--resume continues a run from its checkpoints",
-                       "report_to": "metrics go to RUN/metrics.jsonl",
-                       "hf_dataset": "give data: hf://datasets/OWNER/NAME and --columns",
-                       "wandb": "metrics go to RUN/metrics.jsonl"}[key]
+                       "hf_dataset": "give data: hf://datasets/OWNER/NAME and --columns"}[key]
                 raise UserError(f"{where(key)}: {key} cannot be honoured ({fix})")
         elif key == "grad_accumulation_steps":
             if value not in (None, 1):
@@ -220,7 +238,8 @@ def translate(tree: dict, where: Callable[[str], str]) -> tuple[dict, dict, list
                       "batch_size": "train.batch_size", "adapter_path": "out",
                       "seed": "train.seed", "save_every": "train.save_every",
                       "max_seq_length": "data.max_prompt_tokens",
-                      "trust_remote_code": "model.trust_remote_code"}[key]
+                      "trust_remote_code": "model.trust_remote_code",
+                      "report_to": "train.report_to", "project_name": "train.project_name"}[key]
             put(target, value, key)
     if "lr_schedule" in tree:  # after learning_rate: the schedule's peak wins, as in mlx-lm
         sched = _lr_schedule(tree["lr_schedule"], where)

@@ -2,13 +2,14 @@
 
 One step (DESIGN.md): draw prompts -> the student samples G responses each (SFT: the oracle
 trace instead) -> the teacher scores them under the method's views (no grad) -> the student
-is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> AdamW.
+is distilled toward the target (anchor + lam * clipped residual for AR-OPD) -> the optimizer
+(train.optimizer: AdamW by default).
 
     run_dir = train(cfg, model, tokenizer, examples)          # writes metrics, adapters, summary
 
 run_step: draw_responses -> score_views under the teacher (its hidden states per view, and
 its own output head: `Scored`) -> accumulate (loss and gradients over micro-batches, summed
-over ranks) -> apply_update (clip, AdamW, skipped when not finite).
+over ranks) -> apply_update (clip, optimizer, skipped when not finite).
 
 Every random draw of step s comes from seeds derived from (train.seed, s), and every piece of
 state lives in the checkpoint, so a resumed run repeats an uninterrupted one bit for bit.
@@ -45,6 +46,7 @@ from aropd_mlx.optimizer import make_optimizer, optimizer_step
 from aropd_mlx.rollout import Responses, pad_responses, sample
 from aropd_mlx.rundir import RunDir
 from aropd_mlx.scoring import response_hidden, score_views
+from aropd_mlx.tracking import Tracking, check_trackers
 
 
 @dataclass
@@ -317,11 +319,12 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
     lab's warm start uses its own). A failed write in the run directory (a full disk) is a
     one-line UserError."""
     run = run or RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    tracking = Tracking(cfg, resume=resume)  # train.report_to (W&B, TensorBoard): rank 0 only
     try:
-        with run:
+        with run, tracking:
             return _train(cfg, model, tokenizer, examples, teacher=teacher, resume=resume,
                           on_step=on_step, stop_after=stop_after, run=run, encoder=encoder,
-                          on_plan=on_plan)
+                          on_plan=on_plan, tracking=tracking)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"cannot write in the run directory {cfg.out}: "
@@ -331,7 +334,8 @@ def train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher:
 def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher: Teacher,
            resume: bool, on_step: Callable[[dict], None] | None, stop_after: int | None,
            run: RunDir, encoder: PromptEncoder | None = None,
-           on_plan: Callable[[str], None] | None = None) -> dict:
+           on_plan: Callable[[str], None] | None = None,
+           tracking: Tracking | None = None) -> dict:
     run_dir = Path(cfg.out)
     world = dist.init()  # a world of one unless started by mlx.launch (DISTRIBUTED.md)
     if cfg.train.batch_size < world.size:
@@ -344,12 +348,16 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
     if on_plan is not None and world.is_main:
         on_plan(plan.line())
     if world.is_main:  # only rank 0 writes in the run directory (and holds its lock)
+        check_trackers(cfg.train.report_to)  # and logs: a missing package fails before it
         run_dir = run.open()  # --overwrite: a staging directory until the first checkpoint
         save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     state = restore(run_dir, model, optimizer, teacher, world) if resume else LoopState()
     tracker = RunDiagnostics.resume(run_dir, state.step) if world.is_main else None
+    tracking = tracking or Tracking(cfg, resume=resume)
+    if world.is_main and not run.staged:  # staged (--overwrite): from its first checkpoint on
+        tracking.start(run_dir, state.step)
     metrics_path, t = run_dir / "metrics.jsonl", cfg.train
     done_here, lines_here = 0, []
     while state.step < t.steps and (stop_after is None or done_here < stop_after):
@@ -361,6 +369,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
         line["skipped_updates"] = state.skipped_updates
         if world.is_main:
             _append_metrics(metrics_path, line)
+            tracking.log(line)
         else:
             lines_here.append(line)
         if on_step:
@@ -381,6 +390,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
             if run.staged:  # --overwrite: the new run has a checkpoint; now it replaces the old
                 run_dir = tracker.run_dir = run.commit()
                 metrics_path = run_dir / "metrics.jsonl"
+                tracking.start(run_dir, state.step)
     if not world.is_main:  # the other ranks write nothing; the same keys, from this call's steps
         last = lines_here[-10:]
         return {"steps_done": state.step, "skipped_updates": state.skipped_updates,
@@ -390,7 +400,10 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                 "response_tokens": int(sum(l["response_tokens"] for l in lines_here))}
     if state.step >= t.steps:
         save_adapters(run_dir, model, cfg.model)
-    return summarize(run_dir, state, encoder.skipped)
+    summary = summarize(run_dir, state, encoder.skipped)
+    if state.step >= t.steps:
+        tracking.finish(run_dir, summary)  # the report plots and the summary, to the trackers
+    return summary
 
 
 def summarize(run_dir: Path, state: LoopState, skipped_prompts: int) -> dict:

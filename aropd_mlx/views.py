@@ -6,6 +6,16 @@ holds the whole reasoning plus the answer; both are shown as an example before t
 answered again. The student sees only the question. Responses are the same tokens under every view:
 only the prompts differ.
 
+Chat templates that think (Qwen3: the generation prompt ends `<think>\n\n</think>\n\n` when
+thinking is off, or lets the model open its own `<think>`): each view is one user turn rendered
+with add_generation_prompt, so every view ends with the template's same generation suffix,
+think block included (checked per example: `generation_suffix`), and the scored response is the
+student's sampled ids appended to each view's prompt ids, never re-rendered or re-tokenized. (A
+teacher prompt made by rendering [user, assistant: response] through the template would differ
+exactly there: Qwen3's template drops an assistant turn's think block, and a text round trip
+may split the first response token differently.) `views.chat_template_args` (mlx-lm's
+`chat_template_args`, e.g. `{enable_thinking: false}`) goes to the template for every view.
+
     views = render_views(example, ViewSettings())
     prompts = encode_views(tokenizer, views, ViewSettings())   # token ids per view
 """
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Any
 
 from aropd_mlx.errors import UserError
 
@@ -41,6 +52,8 @@ class ViewSettings:
     pad_line: str = ""
     use_chat_template: bool = True
     system_prompt: str | None = None
+    # Extra variables of the chat template, the same for every view: {enable_thinking: false}
+    chat_template_args: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.partial_ratio <= 1.0:
@@ -49,6 +62,14 @@ class ViewSettings:
             raise UserError("views.pad_reference_lines must be >= 0")
         for name, (allowed, required) in TEMPLATE_FIELDS.items():
             check_template(f"views.{name}", getattr(self, name), allowed, required)
+        for key in self.chat_template_args or {}:
+            if key in RESERVED_TEMPLATE_ARGS:
+                raise UserError(f"views.chat_template_args.{key}: set by aropd-mlx itself (every "
+                                "view is one user turn with the generation prompt)")
+
+
+RESERVED_TEMPLATE_ARGS = ("conversation", "messages", "add_generation_prompt", "tokenize",
+                          "continue_final_message", "return_dict", "tools", "documents")
 
 
 # Each template's placeholders: (allowed, required). The student sees only the question; a
@@ -122,14 +143,47 @@ def encode_prompt(tokenizer, text: str, settings: ViewSettings) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; set views.use_chat_template: false "
                         "(plain prompts) or use a model with one")
+    return _render(tokenizer, text, settings, generation_prompt=True)
+
+
+def _render(tokenizer, text: str, settings: ViewSettings, generation_prompt: bool) -> list[int]:
     messages = [{"role": "user", "content": text}]
     if settings.system_prompt:
         messages.insert(0, {"role": "system", "content": settings.system_prompt})
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                              **(settings.chat_template_args or {})))
+
+
+def generation_suffix(tokenizer, text: str, settings: ViewSettings,
+                      prompt: list[int] | None = None) -> list[int] | None:
+    """The ids the chat template adds after the user turn holding `text` to prompt the
+    assistant (`<|im_start|>assistant\n`, plus `<think>\n\n</think>\n\n` for Qwen3 with
+    thinking off); None without a chat template, or when the prompt without them is not a
+    prefix of the prompt with them (then nothing can be said). `prompt`: encode_prompt's ids
+    of `text`, when already made."""
+    if not settings.use_chat_template:
+        return None
+    full = prompt if prompt is not None else _render(tokenizer, text, settings, True)
+    bare = _render(tokenizer, text, settings, generation_prompt=False)
+    return full[len(bare):] if full[:len(bare)] == bare else None
 
 
 def encode_views(tokenizer, views: dict[str, str], settings: ViewSettings) -> dict[str, list[int]]:
-    return {name: encode_prompt(tokenizer, text, settings) for name, text in views.items()}
+    """Token ids of each view's prompt. With a chat template, every view must end with the same
+    generation suffix (think block included): the teacher then scores the student's response
+    tokens after the very prefix the student sampled them after (a UserError otherwise)."""
+    prompts = {name: encode_prompt(tokenizer, text, settings) for name, text in views.items()}
+    if settings.use_chat_template and len(views) > 1:
+        suffixes = {name: generation_suffix(tokenizer, text, settings, prompts[name])
+                    for name, text in views.items()}
+        known = {name: tuple(s) for name, s in suffixes.items() if s is not None}
+        if len(set(known.values())) > 1:
+            shown = "; ".join(f"{name}: {tokenizer.decode(list(s))!r}" for name, s in known.items())
+            raise UserError("the chat template ends the views' prompts differently (" + shown +
+                            "): the teacher would score the student's response after another "
+                            "prefix; use a template whose generation prompt does not depend on "
+                            "the user's text, or views.use_chat_template: false")
+    return prompts
 
 
 def encode_response(tokenizer, text: str) -> list[int]:

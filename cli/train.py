@@ -27,7 +27,8 @@ FLAG_KEYS = {"model": "model.path", "data": "data.train", "method": "train.metho
              "group_size": "rollout.group_size", "max_new_tokens": "rollout.max_new_tokens",
              "eval_data": "data.eval", "trust_remote_code": "model.trust_remote_code",
              "data_split": "data.split", "columns": "data.columns", "answer_from": "data.answer_from",
-             "memory_limit": "train.memory_limit"}
+             "memory_limit": "train.memory_limit", "optimizer": "train.optimizer",
+             "report_to": "train.report_to"}
 # How an error names a value the user set by flag (config key -> flag).
 FLAG_NAMES = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()} | {
     "objective.clip": "--clip"}
@@ -226,6 +227,10 @@ def train_command(
     group_size: Optional[int] = typer.Option(None, help="Rollouts per prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Rollout length limit."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    optimizer: Optional[str] = typer.Option(None, help=(
+        "adamw | adam | sgd | adafactor | muon (parameters: train.optimizer_config).")),
+    report_to: Optional[str] = typer.Option(None, help=(
+        "Log each step's metrics to wandb and/or tensorboard too: 'wandb', 'wandb,tensorboard'.")),
     eval_data: Optional[str] = typer.Option(None, help=(
         "Held-out data for before/after evaluation (same forms as --data; a dataset's "
         "validation, else test split).")),
@@ -257,7 +262,7 @@ def train_command(
                  batch_size=batch_size, group_size=group_size, max_new_tokens=max_new_tokens,
                  lr=lr, eval_data=eval_data, trust_remote_code=trust_remote_code,
                  data_split=data_split, columns=_columns_value(columns), answer_from=answer_from,
-                 memory_limit=memory_limit)
+                 memory_limit=memory_limit, optimizer=optimizer, report_to=report_to)
     cfg, lab = resolve_config(config, flags, resume)
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     if not dry_run:
@@ -282,6 +287,9 @@ def train_command(
     if not init().is_main:  # other ranks of an mlx.launch run: train quietly, write nothing
         train(cfg, student, tokenizer, examples, teacher=teacher_, resume=resume, overwrite=overwrite)
         return
+    from aropd_mlx.tracking import check_trackers
+
+    check_trackers(cfg.train.report_to)  # rank 0 logs: a missing wandb/tensorboard is one line
     typer.echo(f"run {cfg.out}: {cfg.train.method} on {cfg.model.path}, {len(examples)} prompts, "
                f"{cfg.train.steps} steps", err=True)
     from aropd_mlx.lab.defaults import lab_record

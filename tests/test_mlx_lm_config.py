@@ -49,6 +49,7 @@ def test_the_example_maps_every_key(tmp_path):
     assert (cfg.data.train, cfg.data.split) == ("examples/data/mlx-lm-chat", "train")
     assert (cfg.data.eval, cfg.data.eval_split) == ("examples/data/mlx-lm-chat", "validation")
     assert cfg.rollout.group_size == 4 and cfg.objective.lam == 0.8  # our sections beside
+    assert (cfg.train.optimizer, cfg.train.weight_decay) == ("adamw", 0.0)
 
 
 def test_left_out_keys_take_mlx_lm_defaults(tmp_path, folder):
@@ -72,6 +73,37 @@ def test_left_out_keys_take_mlx_lm_defaults(tmp_path, folder):
         load_config(path)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adafactor", "muon"])
+def test_every_mlx_lm_optimizer_maps_with_its_config(name, tmp_path, capsys):
+    """mlx-lm's `optimizer` + `optimizer_config.<name>` (mlx's parameter names) run as ours;
+    the weight decay goes to train.weight_decay, the other optimizers' entries are ignored."""
+    from aropd_mlx.optimizer import OPTIMIZERS, make_optimizer
+
+    params = {"adam": "betas: [0.9, 0.95]", "adamw": "eps: 1.0e-6\n    weight_decay: 0.05",
+              "sgd": "momentum: 0.9\n    weight_decay: 0.01", "adafactor": "beta_1: 0.9",
+              "muon": "momentum: 0.9\n    ns_steps: 3"}[name]
+    path = tmp_path / "lora.yaml"
+    path.write_text(f"model: m\noptimizer: {name.upper() if name == 'sgd' else name}\n"
+                    f"optimizer_config:\n  {name}:\n    {params}\n  adamw:\n    eps: 0.5\n"
+                    if name != "adamw" else
+                    f"model: m\noptimizer: {name}\noptimizer_config:\n  {name}:\n    {params}\n"
+                    "  sgd:\n    momentum: 0.5\n")
+    cfg = load_config(path)
+    assert cfg.train.optimizer == name and "weight_decay" not in (cfg.train.optimizer_config or {})
+    opt = make_optimizer(cfg)
+    assert type(opt) is OPTIMIZERS[name][0]
+    expect = {"adam": {"betas": (0.9, 0.95)}, "adamw": {"eps": 1e-6, "weight_decay": 0.05},
+              "sgd": {"momentum": 0.9, "weight_decay": 0.01}, "adafactor": {"beta_1": 0.9},
+              "muon": {"momentum": 0.9, "ns_steps": 3}}[name]
+    for key, value in expect.items():
+        assert getattr(opt, key) == pytest.approx(value), key
+    assert ("relative_step" in capsys.readouterr().err) == (name == "adafactor")
+    keys = yaml_keys(path)
+    assert "train.optimizer" in keys and any(k.startswith("train.optimizer_config.") for k in keys)
+    path.write_text("model: m\n")  # mlx-lm's default: Adam
+    assert load_config(path).train.optimizer == "adam"
+
+
 def test_grad_checkpoint_maps_where_it_exists(tmp_path, capsys):
     from dataclasses import fields
 
@@ -89,17 +121,23 @@ def test_grad_checkpoint_maps_where_it_exists(tmp_path, capsys):
 BAD = {  # name: (yaml, needles)
     "unknown_key": ("model: m\niters: 2\nitres: 3\n", ["lora.yaml:3", "unknown key 'itres'",
                                                        "did you mean iters"]),
-    "optimizer_sgd": ("model: m\noptimizer: sgd\n", ["lora.yaml:2", "'sgd' cannot be honoured",
-                                                     "AdamW"]),
-    "optimizer_betas": ("model: m\noptimizer: adamw\noptimizer_config:\n  adamw:\n    betas: [0.9, 0.99]\n",
-                        ["lora.yaml:3", "optimizer_config.adamw.betas cannot be honoured"]),
+    "optimizer_lion": ("model: m\noptimizer: lion\n", ["lora.yaml:2", "'lion' cannot be honoured",
+                                                       "adafactor", "muon"]),
+    "optimizer_param": ("model: m\noptimizer: sgd\noptimizer_config:\n  sgd:\n    betas: [0.9, 0.99]\n",
+                        ["lora.yaml:3", "train.optimizer_config.betas", "sgd has no parameter",
+                         "mlx-lm's optimizer_config"]),
+    "optimizer_name": ("model: m\noptimizer_config:\n  adamx: {}\n",
+                       ["lora.yaml:2", "'optimizer_config.adamx'"]),
+    "adam_decay": ("model: m\noptimizer: adam\noptimizer_config:\n  adam:\n    weight_decay: 0.1\n",
+                   ["lora.yaml:3", "adam has no weight decay"]),
     "lora_alpha": ("model: m\nlora_parameters:\n  rank: 4\n  alpha: 16\n",
                    ["lora.yaml:4", "'lora_parameters.alpha'"]),
     "schedule_name": ("model: m\nlr_schedule:\n  name: linear_schedule\n  arguments: [0.0, 1.0e-5, 10]\n",
                       ["lora.yaml:2", "'linear_schedule' cannot be honoured"]),
     "schedule_decay": ("model: m\niters: 100\nlr_schedule:\n  name: cosine_decay\n  arguments: [1.0e-5, 50]\n",
                        ["lora.yaml:3", "decay over 50 steps", "100"]),
-    "report_to": ("model: m\nreport_to: wandb\n", ["lora.yaml:2", "report_to cannot be honoured"]),
+    "report_to": ("model: m\nreport_to: swanlab\n", ["lora.yaml:2", "train.report_to: 'swanlab'",
+                                                     "mlx-lm's report_to"]),
     "accumulation": ("model: m\ngrad_accumulation_steps: 4\n", ["lora.yaml:2", "grad_accumulation_steps"]),
     "test_only": ("model: m\ntrain: false\n", ["lora.yaml:2", "aropd-mlx eval"]),
     "bad_value_named_by_line": ("model: m\niters: 0\n", ["lora.yaml:2", "train.steps", "mlx-lm's iters"]),

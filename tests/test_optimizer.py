@@ -1,4 +1,5 @@
-"""The compiled optimizer step against the eager mlx.optimizers reference."""
+"""The compiled optimizer step against the eager mlx.optimizers reference, for every optimizer;
+their configuration (train.optimizer, train.optimizer_config) and its errors."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +9,20 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from aropd_mlx.config import load_config
-from aropd_mlx.optimizer import make_optimizer, optimizer_step
+from aropd_mlx.errors import UserError
+from aropd_mlx.optimizer import OPTIMIZERS, make_optimizer, optimizer_step
+
+# Each optimizer with parameters that give it every piece of state it can have
+SETTINGS = {
+    "adamw": {"train.optimizer_config": {"betas": [0.8, 0.95], "eps": "1e-7"},
+              "train.weight_decay": 0.1},
+    "adam": {"train.optimizer_config": {"betas": [0.9, 0.99]}},
+    "sgd": {"train.optimizer_config": {"momentum": 0.9, "nesterov": True},
+            "train.weight_decay": 0.01},
+    "adafactor": {"train.optimizer_config": {"beta_1": 0.9}, "train.weight_decay": 0.01},
+    "muon": {"train.optimizer_config": {"momentum": 0.9, "ns_steps": 4},
+             "train.weight_decay": 0.01},
+}
 
 
 def _model(seed=0):
@@ -26,11 +40,12 @@ def _flat(model):
     return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 
 
-@pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_compiled_step_equals_eager_adamw_with_schedule_and_clipping(clip):
+@pytest.mark.parametrize("name,clip", [("adamw", 0.0)] + [(n, 1.0) for n in OPTIMIZERS])
+def test_compiled_step_equals_eager_with_schedule_and_clipping(name, clip):
     cfg = load_config(overrides={"train.steps": 6, "train.warmup_steps": 2,
-                                 "train.learning_rate": 0.05, "train.weight_decay": 0.1,
-                                 "train.grad_clip": clip})
+                                 "train.learning_rate": 0.05, "train.grad_clip": clip,
+                                 "train.optimizer": name, **SETTINGS[name]})
+    assert type(make_optimizer(cfg)) is OPTIMIZERS[name][0]
     ours, ref = _model(), _model()
     opt_ours, opt_ref = make_optimizer(cfg), make_optimizer(cfg)
     opt_ours.init(ours.trainable_parameters())
@@ -87,3 +102,42 @@ def test_the_compiled_step_does_not_keep_model_and_optimizer_alive():
     del model, opt
     gc.collect()
     assert alive() is None
+
+
+def test_optimizer_parameters_reach_the_mlx_optimizer():
+    opt = make_optimizer(load_config(overrides={"train.optimizer": "adamw", **SETTINGS["adamw"]}))
+    assert opt.betas == (0.8, 0.95) and opt.eps == 1e-7 and opt.weight_decay == 0.1
+    assert opt.bias_correction  # torch's AdamW (PLATFORM.md); Adam too, unless set false
+    opt = make_optimizer(load_config(overrides={"train.optimizer": "adam"}))
+    assert opt.bias_correction and type(opt) is optim.Adam
+    opt = make_optimizer(load_config(overrides={"train.optimizer": "adafactor"}))
+    assert not opt.relative_step and not opt.scale_parameter  # follows train.learning_rate
+    opt = make_optimizer(load_config(overrides={"train.optimizer": "muon",
+                                                "train.weight_decay": 0.0}))
+    assert opt.weight_decay == 0.0 and opt.momentum == 0.95  # ours, then mlx's defaults
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"train.optimizer": "lion"}, ["train.optimizer", "adamw", "muon"]),
+    ({"train.optimizer": "sgd", "train.optimizer_config": {"betas": [0.9, 0.9]}},
+     ["train.optimizer_config.betas", "momentum"]),
+    ({"train.optimizer_config": {"eps": "tiny"}}, ["train.optimizer_config.eps", "number"]),
+    ({"train.optimizer_config": {"betas": [0.9]}}, ["train.optimizer_config.betas", "two"]),
+    ({"train.optimizer_config": {"weight_decay": 0.1}}, ["train.weight_decay"]),
+    ({"train.optimizer": "adam", "train.weight_decay": 0.1}, ["adam", "weight decay"]),
+    ({"train.optimizer": "muon", "train.optimizer_config": {"ns_steps": 2.5}},
+     ["ns_steps", "integer"]),
+    ({"train.optimizer": "sgd", "train.optimizer_config": {"nesterov": True}}, ["momentum > 0"]),
+])
+def test_bad_optimizer_settings_name_the_key(overrides, words):
+    with pytest.raises(UserError) as e:
+        load_config(overrides=overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_optimizer_config_from_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("train:\n  optimizer: adafactor\n  optimizer_config:\n"
+                                       "    eps: [1e-30, 1e-3]\n    relative_step: true\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    opt = make_optimizer(cfg)
+    assert opt.eps == (1e-30, 1e-3) and opt.relative_step

@@ -267,8 +267,11 @@ def train_command(
     check_run_dir(cfg.out)  # a bad --out fails now, not after loading the model
     if not dry_run:
         check_run_start(cfg.out, resume=resume, overwrite=overwrite)  # a run there, or one running
-    need = ("question", "solution", "answer") if cfg.train.method in (
-        "sft", "partial-opd", "full-opd", "ar-opd") else ("question",)
+    # SFT trains on the oracle; a privileged view shows it: solution and answer are needed
+    from aropd_mlx.views import METHOD_VIEWS
+
+    privileged = cfg.train.method == "sft" or set(METHOD_VIEWS[cfg.train.method]) - {"student"}
+    need = ("question", "solution", "answer") if privileged else ("question",)
     examples, eval_examples = train_and_eval(cfg.data, need)  # data.eval or eval_fraction held out
     student, tokenizer = load_student(cfg.model, seed=cfg.train.seed)
     check_supported(student, tokenizer)
@@ -324,7 +327,9 @@ def _eval_before(cfg, student, tokenizer, eval_examples, lab, no_eval: bool, res
     """Evaluate before training (a resumed run reads the one its first start made)."""
     path = Path(cfg.out) / "eval_before.json"
     if resume:
-        return json.loads(path.read_text()) if path.is_file() else None
+        from aropd_mlx.jsonio import read_json
+
+        return read_json(path, missing=None)
     if not eval_examples or no_eval:
         return None
     typer.echo(f"evaluating before training ({len(eval_examples)} held-out problems)...", err=True)

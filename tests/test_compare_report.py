@@ -206,7 +206,7 @@ def test_cli_report_and_compare_errors(tmp_path):
 def test_paired_deltas_by_k_and_first_seed():
     """aggregate(): AR-OPD minus a reference by k, paired by seed (hand-computed), and the
     seeds a compare runs start at first_seed."""
-    from aropd_mlx.compare import Variant, aggregate, plan
+    from aropd_mlx.compare import Variant, aggregate
     from aropd_mlx.report import compare_markdown
 
     def run(seed, acc, by_k):

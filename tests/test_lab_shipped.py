@@ -1,6 +1,5 @@
 """The shipped lab model (lab/shipped.py): hashes, install instead of a warm start, and the
 measurement the manifest records (lab/measure.py)."""
-import json
 from dataclasses import replace
 
 import pytest

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aropd_mlx.jsonio import read_json
+
 _BENCH_SCRIPT = r'''
 import json, sys, time
 from aropd_mlx import distributed, trainer
@@ -63,7 +65,7 @@ def benchmark(model_path: str, out: str, steps: int = 4, batch_size: int = 8,
         path = Path(out) / f"bench-{n}.json"
         if not path.is_file():  # the launcher may exit 0 while a rank failed
             raise RuntimeError(f"benchmark with {n} rank(s) wrote no result:\n{proc.stderr[-2000:]}")
-        r = json.loads(path.read_text())
+        r = read_json(path)
         result[n] = {"step_s": float(np.median(r["step_s"])),
                      "allreduce_s": float(np.median(r["allreduce_s"])) if r["allreduce_s"] else 0.0,
                      "lora_params": r["lora_params"]}

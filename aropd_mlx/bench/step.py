@@ -37,7 +37,6 @@ def setup_run(model_name: str, method: str, *, batch: int, group: int, max_new_t
               fine_tune: str = "lora", alpha: float | None = None, model_path=None,
               seed: int = 0, extra: dict | None = None):
     """(cfg, model, tokenizer, teacher, encoded batch) for `method` on a bench model."""
-    from aropd_mlx import trainer as tr
     from aropd_mlx.config import load_config
     from aropd_mlx.models import Teacher, load_student
 

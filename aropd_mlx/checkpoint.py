@@ -64,7 +64,8 @@ def _save_arrays(path: Path, arrays: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -103,10 +104,10 @@ def save_checkpoint(run_dir: Path, step: int, *, params: dict, optimizer_state: 
             json.dump({"step": step, **state}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except (OSError, RuntimeError) as e:  # mx.save_safetensors reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {_why(e)} "

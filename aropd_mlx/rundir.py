@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from aropd_mlx.checkpoint import check_run_dir
+from aropd_mlx.checkpoint import check_run_dir, fsync_dir
 from aropd_mlx.errors import UserError
 
 LOCK = ".run.lock"
@@ -92,19 +92,6 @@ def _check_previous(path: Path, resume: bool, overwrite: bool) -> None:
         if foreign:
             raise UserError(f"--overwrite replaces a whole run directory, and {path} also holds "
                             f"{', '.join(foreign[:3])}: move those, or choose another --out")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -214,7 +201,7 @@ class RunDir:
             old = self.replaced
             os.rename(self.final, old)
             os.rename(self.staging, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         self.path, self.staged = self.final, False
         shutil.rmtree(old, ignore_errors=True)
         os.close(self._fds.pop(0))  # the old run's lock, now deleted with it

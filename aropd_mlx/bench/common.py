@@ -78,6 +78,17 @@ def _pad_vocab(path: Path, vocab_size: int, seed: int) -> None:
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def publish(tmp: Path, path: Path) -> Path:
+    """Mark a model built in `tmp` complete and move it to `path` (a concurrent builder that
+    won the race keeps its copy)."""
+    (tmp / "done").write_text("ok")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race
+        pass
+    return path
+
+
 def bench_model(name: str, root: Path | None = None) -> Path:
     """Path of the bench model `name` ("lab" or "56m"), built once per spec and cached."""
     from aropd_mlx.lab.tiny import build_tiny_model
@@ -94,12 +105,7 @@ def bench_model(name: str, root: Path | None = None) -> Path:
     build_tiny_model(tmp, spec)
     if name == "56m":
         _pad_vocab(tmp, BENCH_VOCAB_56M, spec.seed)
-    (tmp / "done").write_text("ok")
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race
-        pass
-    return path
+    return publish(tmp, path)
 
 
 def lab_examples(n: int, seed: int = 0, k_min: int = 4, k_max: int = 12):

@@ -48,7 +48,7 @@ def build_qwen_shaped(name: str, layers: int | None = None, dtype: str = "bfloat
     cached under the bench directory."""
     import mlx.core as mx
 
-    from aropd_mlx.bench.common import bench_root
+    from aropd_mlx.bench.common import bench_root, publish
     from aropd_mlx.lab.tiny import TinySpec, _config, write_tokenizer
 
     shape = dict(SHAPES[name])
@@ -87,12 +87,7 @@ def build_qwen_shaped(name: str, layers: int | None = None, dtype: str = "bfloat
         mx.eval(w)
     mx.save_safetensors(str(tmp / "model.safetensors"), w, metadata={"format": "pt"})
     del w
-    (tmp / "done").write_text("ok")
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race
-        pass
-    return path
+    return publish(tmp, path)
 
 
 def _pad_tokenizer(path: Path, vocab_size: int) -> None:

@@ -106,3 +106,32 @@ def test_dev_problems_are_apart_from_the_held_out_set():
     assert len(dev) == len(held) == 80
     assert [len(e.question) for e in dev] == [len(e["question"]) for e in held]  # same k layout
     assert len({e.question for e in dev} & {e["question"] for e in held}) <= 2  # drawn apart
+
+
+@pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
+def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
+    """The package's lab model: every file's hash, the recipe of the default lab, and its
+    recorded held-out numbers (greedy, student and full views) reproduce on this machine
+    (within a few problems: another CPU may round a logit differently)."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.data import Example
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.measure import _responses, rates_by_k
+    from aropd_mlx.lab.setup import eval_examples
+
+    found = shipped.verify()
+    settings = LabSettings()
+    assert found["recipe"] == shipped.recipe(settings)  # `aropd-mlx train` starts from it
+    model, tok = load(str(shipped.SHIPPED_DIR))
+    views = load_config(overrides=view_overrides(settings.k_max)).views
+    ks = (settings.eval_ks[0], settings.eval_ks[-1])
+    examples = [Example(**e) for e in eval_examples(settings)
+                if len(e["solution"].splitlines()) in ks]
+    for view in ("student", "full"):
+        got = rates_by_k(examples, _responses(model, tok, examples, views, view, 0.0,
+                                              6 * settings.k_max + 8, seed=0))
+        for k in map(str, ks):
+            want = found["measured"][view]["by_k"][k]["all_steps_correct"]
+            assert abs(got["by_k"][k]["all_steps_correct"] - want) <= 0.05, (view, k)

@@ -25,20 +25,20 @@ from aropd_mlx.lab.tiny import TinySpec
 class LabSettings:
     seed: int = 0
     k_min: int = 1  # operations per problem (the length dial)
-    k_max: int = 8
+    k_max: int = 12
     n_train: int = 20000  # problems in the prompt pool (warm start and distillation)
-    eval_ks: tuple[int, ...] = (2, 4, 6, 8)
+    eval_ks: tuple[int, ...] = (2, 4, 6, 8, 10, 12)
     n_eval_per_k: int = 64
     spec: TinySpec = field(default_factory=lambda: TinySpec(
         hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512))
-    warm_steps: int = 1000
-    warm_batch: int = 32
-    warm_lr: float = 3e-3
-    warm_view_mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+    warm_steps: int = 600
+    warm_batch: int = 64
+    warm_lr: float = 2e-3
+    warm_view_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     # the student view is warm-started on problems with k <= this only (0: every k); longer
     # ones are seen through the privileged views alone: a teacher that reads its hints at
     # every k, a student sharp on short problems and imperfect on long ones (LAB.md)
-    student_view_k_max: int = 0
+    student_view_k_max: int = 6
 
     def key(self) -> str:
         values = asdict(self)

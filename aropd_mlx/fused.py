@@ -58,6 +58,16 @@ def _diag_names(has_teacher: bool, has_full: bool) -> list[str]:
 _CHUNK_BODIES: dict[tuple, object] = {}
 
 
+def _loss_of_logits(tokens, partial, full, target, local):
+    """logits (C, V) -> per-row losses (C,): exact, or on the top-k teacher's support
+    (objective.teacher_top_k > 0): the support is found once from the teacher views (no
+    gradient), the loss then runs on (C, K) gathered entries, K = 2k + 1, instead of (C, V)."""
+    if not obj.uses_top_k(local, target):
+        return lambda logits: obj.token_losses(logits, tokens, target, local)
+    index, keep = obj.top_k_support(partial, full, tokens, local.teacher_top_k)
+    return lambda logits: obj.support_losses(logits, tokens, target, index, keep, local)
+
+
 def _chunk_views(settings, keys, has_teacher, has_full, h_s, lam, rest):
     """Inside a chunk body: the student logits z (C, V) and the teacher views (partial, full,
     target), each view projected by its own model's head. `rest` = [h_t], [h_f], the student
@@ -99,9 +109,7 @@ def _chunk_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool,
         local, s_arrays, z, partial, full, target = _chunk_views(
             settings, keys, has_teacher, has_full, h_s, lam, rest)
 
-        def row_losses(logits):
-            return obj.token_losses(logits, tokens, target, local)
-
+        row_losses = _loss_of_logits(tokens, partial, full, target, local)
         (losses,), (dz,) = mx.vjp(row_losses, [z], [mx.ones(tokens.shape, mx.float32)])
         grad_h = project(dz.astype(z.dtype), s_arrays, keys[0], False)  # (C, H)
         if not with_diagnostics:
@@ -126,10 +134,10 @@ def _head_grad_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool,
         return _CHUNK_BODIES[key]
 
     def body(acc, h_s, tokens, lam, g, *rest):
-        local, _, z, _, _, target = _chunk_views(
+        local, _, z, partial, full, target = _chunk_views(
             settings, keys, has_teacher, has_full, h_s, lam, rest)
         weigh = g != 0  # rows nobody weighs add exactly nothing (even a NaN there)
-        _, (dz,) = mx.vjp(lambda logits: obj.token_losses(logits, tokens, target, local), [z],
+        _, (dz,) = mx.vjp(_loss_of_logits(tokens, partial, full, target, local), [z],
                           [mx.where(weigh, g, 0.0).astype(mx.float32)])
         dz = mx.where(weigh[:, None], dz, 0.0).astype(mx.float32)  # (C, V)
         h = mx.where(weigh[:, None], h_s, 0.0).astype(mx.float32)  # (C, H)

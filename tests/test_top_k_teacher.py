@@ -283,3 +283,27 @@ def test_teacher_top_k_from_a_config_file(tmp_path):
     with pytest.raises(UserError, match="teacher_top_k") as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ the bench
+
+def test_bench_objective_top_k_cli(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from aropd_mlx.cli.bench import bench_command
+
+    app = typer.Typer()
+    app.command()(bench_command)
+    out = tmp_path / "topk.json"
+    res = CliRunner().invoke(app, ["objective", "--quick", "--top-k", "4", "--top-k", "200",
+                                   "--model", "lab", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(out.read_text())["top_k"][0]["runs"]
+    assert [r["k"] for r in runs] == [0, 4, 200]
+    assert runs[2]["loss_rel_diff"] < 1e-5 and runs[2]["support_mass"] > 0.9999  # k >= V
+    assert "rel diff" in res.output
+    bad = CliRunner().invoke(app, ["rollout", "--top-k", "4"])
+    assert bad.exit_code != 0 and "--top-k goes with" in bad.output

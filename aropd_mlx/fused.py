@@ -61,11 +61,12 @@ _CHUNK_BODIES: dict[tuple, object] = {}
 def _loss_of_logits(tokens, partial, full, target, local):
     """logits (C, V) -> per-row losses (C,): exact, or on the top-k teacher's support
     (objective.teacher_top_k > 0): the support is found once from the teacher views (no
-    gradient), the loss then runs on (C, K) gathered entries, K = 2k + 1, instead of (C, V)."""
+    gradient); the target and the loss then run on (C, K) gathered entries, K = 2k + 1,
+    instead of (C, V) (the full-vocabulary target is never built unless diagnostics ask)."""
     if not obj.uses_top_k(local, target):
         return lambda logits: obj.token_losses(logits, tokens, target, local)
     index, keep = obj.top_k_support(partial, full, tokens, local.teacher_top_k)
-    return lambda logits: obj.support_losses(logits, tokens, target, index, keep, local)
+    return lambda logits: obj.support_losses(logits, tokens, partial, full, index, keep, local)
 
 
 def _chunk_views(settings, keys, has_teacher, has_full, h_s, lam, rest):

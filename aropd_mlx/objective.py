@@ -267,14 +267,30 @@ def _on_support(x: mx.array, index: mx.array, keep: mx.array) -> mx.array:
     return mx.where(keep, mx.take_along_axis(_f32(x), index, axis=-1), -mx.inf)
 
 
-def support_losses(student_logits: mx.array, tokens: mx.array, target: mx.array,
-                   index: mx.array, keep: mx.array, settings: ObjectiveSettings) -> mx.array:
-    """`token_losses` of the top-k teacher, on the gathered support (..., K) instead of the
-    vocabulary: the target T restricted to the support and renormalized there, the student's
-    logits restricted likewise (its log_softmax is then the student renormalized on the
-    support), the sampled token found at its (first) place in the sorted index."""
-    t = _on_support(mx.stop_gradient(target), index, keep)
-    t = mx.stop_gradient(t - logsumexp(t))
+def support_target(partial: mx.array, full: mx.array | None, index: mx.array,
+                   keep: mx.array, settings: ObjectiveSettings) -> mx.array:
+    """T^k on the gathered support (..., K), -inf on repeated indices: the anchored target built
+    from the views' full-vocabulary log-probs P and F at the support's entries and normalized
+    over the support (log_softmax over K of P + lam * clip(F - P)), which is the exact target
+    restricted to the support and renormalized; no pass over V beyond P and F themselves."""
+    p = _on_support(partial, index, keep)
+    if full is None:
+        t = p
+    else:
+        t = _anchored_from_logprobs(p, _on_support(full, index, keep), settings.lam,
+                                    settings.clip)
+        t = mx.where(keep, t, -mx.inf)  # repeats: floored entries of no mass, now exactly none
+    return mx.stop_gradient(t - logsumexp(t))
+
+
+def support_losses(student_logits: mx.array, tokens: mx.array, partial: mx.array,
+                   full: mx.array | None, index: mx.array, keep: mx.array,
+                   settings: ObjectiveSettings) -> mx.array:
+    """`token_losses` of the top-k teacher on the gathered support (..., K) instead of the
+    vocabulary (the fused chunk's form): the target from `support_target`, the student's
+    logits restricted to the support (its log_softmax there is the student renormalized on
+    the support), the sampled token found at its (first) place in the sorted index."""
+    t = support_target(partial, full, index, keep, settings)
     z = _on_support(student_logits, index, keep)
     place = mx.argmax((index == tokens[..., None].astype(mx.int32)).astype(mx.int32), axis=-1)
     return token_losses(z, place, t, settings)

@@ -126,7 +126,7 @@ def test_gathered_support_equals_masked_vocabulary_with_minus_inf(loss_type, alp
     index, keep = obj.top_k_support(partial, full, tokens, s.teacher_top_k)
 
     def gathered(x):
-        return obj.support_losses(x, tokens, target, index, keep, s)
+        return obj.support_losses(x, tokens, partial, full, index, keep, s)
 
     def masked(x):
         return obj.masked_top_k_losses(x, tokens, partial, full, target, s)
@@ -261,7 +261,7 @@ def test_torch_mirror_parity(loss_type, alpha, views):
     # the gathered form of the mirror agrees with its masked form
     tp, tf, tt = tobj.teacher_views(torch.tensor(zt), None if zf_ is None else torch.tensor(zf_), s)
     index, keep = tobj.top_k_support(tp, tf, torch.tensor(tok), 5)
-    gathered = tobj.support_losses(torch.tensor(z), torch.tensor(tok), tt, index, keep, s)
+    gathered = tobj.support_losses(torch.tensor(z), torch.tensor(tok), tp, tf, index, keep, s)
     masked = tobj.masked_top_k_losses(torch.tensor(z), torch.tensor(tok), tp, tf, tt, s)
     np.testing.assert_allclose(gathered.numpy(), masked.numpy(), rtol=1e-5, atol=1e-5)
 

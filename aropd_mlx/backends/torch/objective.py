@@ -185,11 +185,22 @@ def _on_support(x, index, keep):
     return _f32(x).gather(-1, index).masked_fill(~keep, -math.inf)
 
 
-def support_losses(student_logits, tokens, target, index, keep, settings):
+def support_target(partial, full, index, keep, settings):
+    """T^k on the gathered support: the anchored target from P and F at the support's
+    entries, normalized over the support; -inf on repeated indices."""
+    p = _on_support(partial, index, keep)
+    if full is None:
+        t = p
+    else:
+        t = _anchored_from_logprobs(p, _on_support(full, index, keep), settings.lam,
+                                    settings.clip).masked_fill(~keep, -math.inf)
+    return (t - torch.logsumexp(t, dim=-1, keepdim=True)).detach()
+
+
+def support_losses(student_logits, tokens, partial, full, index, keep, settings):
     """token_losses of the top-k teacher on the gathered support: target and student both
     restricted to the support and renormalized there."""
-    t = _on_support(target.detach(), index, keep)
-    t = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    t = support_target(partial, full, index, keep, settings)
     z = _on_support(student_logits, index, keep)
     place = (index == tokens.long().unsqueeze(-1)).int().argmax(dim=-1)
     return token_losses(z, place, t, settings)

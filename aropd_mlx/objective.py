@@ -314,8 +314,10 @@ def masked_top_k_losses(student_logits, tokens, partial, full, target,
 
 
 def uses_top_k(settings: ObjectiveSettings, target) -> bool:
-    """The top-k teacher applies: teacher_top_k > 0 and a loss that reads a teacher view."""
-    return settings.teacher_top_k > 0 and target is not None and settings.loss_type != "nll"
+    """The top-k teacher applies: 0 < teacher_top_k < V and a loss that reads a teacher view
+    (k >= V: the support is the whole vocabulary, the exact loss, computed as such)."""
+    return (settings.teacher_top_k > 0 and target is not None and settings.loss_type != "nll"
+            and settings.teacher_top_k < target.shape[-1])
 
 
 def top_k_overlap(a: mx.array, b: mx.array, k: int = TOPK_OVERLAP) -> mx.array:

@@ -48,6 +48,32 @@ def test_top_k_at_least_v_is_the_exact_loss(loss_type, alpha, k):
     assert_same((n_exact, g_exact), (f_top, gf_top))  # fused top-k == exact
 
 
+@pytest.mark.parametrize("loss_type", TEACHER_LOSSES)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("one_view", [False, True])
+def test_a_support_of_the_whole_vocabulary_is_the_exact_loss(loss_type, alpha, one_view):
+    """k >= V takes the exact path; the support machinery itself (both forms), given k = V,
+    gives the exact per-token loss and gradient too."""
+    z, zt, zf, tok = _logits_with_minus_inf(v=17)
+    tok[0, 0] = 15
+    zf = None if one_view else mx.array(zf)
+    s = _settings(loss_type=loss_type, alpha=alpha, teacher_top_k=17)
+    partial, full, target = obj.teacher_views(mx.array(zt), zf, s)
+    tokens = mx.array(tok)
+    index, keep = obj.top_k_support(partial, full, tokens, 17)
+    cot = mx.array(np.random.default_rng(2).normal(size=tok.shape).astype(np.float32))
+    forms = {"exact": lambda x: obj.token_losses(x, tokens, target, s),
+             "gathered": lambda x: obj.support_losses(x, tokens, partial, full, index, keep, s),
+             "masked": lambda x: obj.masked_top_k_losses(x, tokens, partial, full, target, s)}
+    got = {k: mx.vjp(f, [mx.array(z)], [cot]) for k, f in forms.items()}
+    (want,), (g_want,) = got.pop("exact")
+    for name, ((value,), (grad,)) in got.items():
+        np.testing.assert_allclose(np.array(value), np.array(want), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+        np.testing.assert_allclose(np.array(grad), np.array(g_want), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+
 def test_top_k_zero_is_todays_path_bit_for_bit():
     head, hs, ht, hf, tok, mask = make(b=3)
     a = both(head, hs, tok, mask, ht, hf, _settings())

@@ -224,7 +224,8 @@ def masked_top_k_losses(student_logits, tokens, partial, full, target, settings)
 def uses_top_k(settings, target) -> bool:
     """teacher_top_k > 0 (duck-typed settings without it: 0) and a loss reading a teacher view."""
     k = getattr(settings, "teacher_top_k", 0) or 0
-    return k > 0 and target is not None and settings.loss_type != "nll"
+    return (k > 0 and target is not None and settings.loss_type != "nll"
+            and k < target.shape[-1])
 
 
 def top_k_overlap(a, b, k: int = TOPK_OVERLAP) -> torch.Tensor:

@@ -27,6 +27,11 @@ and accumulates (g * dz)^T h_s into one (V, H) float32 array per lane (a second 
 memory: the accumulators plus one chunk, never rows x V). Under full fine-tuning the head
 trains, tied or not (models.attach_adapters); a quantized head never trains.
 
+A top-k teacher (`objective.teacher_top_k` = k, 0 < k < V) changes only the loss inside a
+chunk: the support top_k(P) | top_k(F) | {y} is found per row from the views, and the target,
+the student's renormalized log-probs and the loss run on the gathered (C, 2k + 1) entries
+(objective.support_losses); the head projections and their backward stay over V.
+
 Evaluate the LossOutput fields and the gradients in one `mx.eval` (one sync point per step):
 an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's inputs.
 

@@ -13,7 +13,6 @@ import pytest
 from aropd_mlx import fused, objective as obj
 from aropd_mlx.config import load_config
 from aropd_mlx.errors import UserError
-from aropd_mlx.fused import fused_loss
 from aropd_mlx.objective import ObjectiveSettings, naive_loss
 
 from test_fused import assert_same, both, make
@@ -89,7 +88,8 @@ def test_nll_ignores_top_k():
     (na, _), (fu, _) = both(head, hs, tok, mask, ht, hf, s)
     ref = naive_loss(head(hs), tok, mask, head(ht), head(hf), settings=_settings(loss_type="nll"))
     np.testing.assert_array_equal(np.array(na.per_token), np.array(ref.per_token))
-    np.testing.assert_allclose(np.array(fu.per_token), np.array(ref.per_token), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(fu.per_token), np.array(ref.per_token), rtol=1e-5,
+                               atol=1e-6)
 
 
 # ------------------------------------------------------------------ (2) fused top-k == naive top-k

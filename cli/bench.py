@@ -89,17 +89,24 @@ def _bench_top_k(ks: List[int], models: List[str], quick: bool, json_out: Option
     """`bench objective --top-k K ...`: aropd_mlx.bench.objective.bench_top_k per model."""
     import json
 
+    import os
+
     from aropd_mlx.bench.objective import bench_top_k, format_top_k
+    from aropd_mlx.bench.suite import machine_info
 
     for m in models:
         if m not in ("lab", "56m"):
             raise UserError(f"--top-k runs on the lab and 56m bench models, got {m!r}")
     size = dict(batch=1, group=2, max_new_tokens=8, repeats=0) if quick else {}
-    results = []
+    machine, results = machine_info(), []
     for m in models:
         results.append(bench_top_k(m, ks=tuple(sorted(set(ks))), **size))
         typer.echo(format_top_k(results[-1]))
         typer.echo("")
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = list(os.getloadavg())
+    typer.echo(f"BLAS: {machine['blas']}; load average {machine.get('loadavg_start')} -> "
+               f"{machine.get('loadavg_end')} on {machine['cpus']} CPUs")
     if json_out:
-        json_out.write_text(json.dumps({"top_k": results}, indent=1))
+        json_out.write_text(json.dumps({"machine": machine, "top_k": results}, indent=1))
         typer.echo(f"wrote {json_out}")

@@ -131,12 +131,13 @@ def _support_mass(head, teacher_head, partial_h, full_h, tokens, settings, rows=
 
 def bench_top_k(model_name: str = "lab", ks=TOP_KS, batch: int = 4, group: int = 4,
                 max_new_tokens: int = 96, repeats: int = 2, seed: int = 0,
-                model_path=None) -> dict:
+                model_path=None, overrides: dict | None = None) -> dict:
     """The top-k teacher against the exact target on a bench model's own step-0 AR-OPD batch
     (lab prompts, on-policy rollouts without EOS, the teacher's partial and full views): per k,
     the loss's relative difference, the gradient's cosine with the exact gradient and its
     relative norm error, the target mass on the support, and time and peak memory of the fused
-    loss + gradient (no diagnostics, as on a non-logging training step)."""
+    loss + gradient (no diagnostics, as on a non-logging training step). `overrides`: config
+    overrides (e.g. {"objective.teacher_temperature": 0.1}: a more peaked target)."""
     from dataclasses import replace
 
     import numpy as np
@@ -149,7 +150,7 @@ def bench_top_k(model_name: str = "lab", ks=TOP_KS, batch: int = 4, group: int =
 
     cfg, model, tok, teacher, encoded = setup_run(
         model_name, "ar-opd", batch=batch, group=group, max_new_tokens=max_new_tokens,
-        seed=seed, model_path=model_path)
+        seed=seed, model_path=model_path, extra=overrides)
     with no_eos(tok):
         rows, resp = tr.draw_responses(cfg, model, tok, encoded, 0)
     pad = tok.pad_token_id or 0
@@ -163,7 +164,7 @@ def bench_top_k(model_name: str = "lab", ks=TOP_KS, batch: int = 4, group: int =
     head = head_from_model(model)
     mx.eval(student_h, views)
     base = replace(tr.objective_for(cfg), teacher_top_k=0)
-    result = {"model": model_name, "vocab": head.vocab, "rows": len(resp.lengths),
+    result = {"model": model_name, "overrides": overrides or {}, "vocab": head.vocab, "rows": len(resp.lengths),
               "tokens": int(sum(resp.lengths)), "repeats": repeats, "runs": []}
     exact = None
     for k in (0, *ks):
@@ -199,7 +200,8 @@ def bench_top_k(model_name: str = "lab", ks=TOP_KS, batch: int = 4, group: int =
 
 def format_top_k(result: dict) -> str:
     mib = 1024 ** 2
-    lines = [f"top-k teacher vs exact target, {result['model']} (V={result['vocab']}), "
+    extra = "".join(f" {k}={v}" for k, v in result.get("overrides", {}).items())
+    lines = [f"top-k teacher vs exact target, {result['model']}{extra} (V={result['vocab']}), "
              f"{result['rows']} rows, {result['tokens']} tokens, fused loss + gradient "
              f"(median of {result['repeats']})",
              f"{'k':>6}{'loss':>10}{'rel diff':>10}{'grad cos':>10}{'grad err':>10}"

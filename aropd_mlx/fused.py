@@ -27,6 +27,11 @@ and accumulates (g * dz)^T h_s into one (V, H) float32 array per lane (a second 
 memory: the accumulators plus one chunk, never rows x V). Under full fine-tuning the head
 trains, tied or not (models.attach_adapters); a quantized head never trains.
 
+A top-k teacher (`objective.teacher_top_k` = k, 0 < k < V) changes only the loss inside a
+chunk: the support top_k(P) | top_k(F) | {y} is found per row from the views, and the target,
+the student's renormalized log-probs and the loss run on the gathered (C, 2k + 1) entries
+(objective.support_losses); the head projections and their backward stay over V.
+
 Evaluate the LossOutput fields and the gradients in one `mx.eval` (one sync point per step):
 an unevaluated diagnostic kept alive past an eval of the loss pins its chunk's inputs.
 
@@ -56,6 +61,17 @@ def _diag_names(has_teacher: bool, has_full: bool) -> list[str]:
 
 
 _CHUNK_BODIES: dict[tuple, object] = {}
+
+
+def _loss_of_logits(tokens, partial, full, target, local):
+    """logits (C, V) -> per-row losses (C,): exact, or on the top-k teacher's support
+    (objective.teacher_top_k > 0): the support is found once from the teacher views (no
+    gradient); the target and the loss then run on (C, K) gathered entries, K = 2k + 1,
+    instead of (C, V) (the full-vocabulary target is never built unless diagnostics ask)."""
+    if not obj.uses_top_k(local, target):
+        return lambda logits: obj.token_losses(logits, tokens, target, local)
+    index, keep = obj.top_k_support(partial, full, tokens, local.teacher_top_k)
+    return lambda logits: obj.support_losses(logits, tokens, partial, full, index, keep, local)
 
 
 def _chunk_views(settings, keys, has_teacher, has_full, h_s, lam, rest):
@@ -99,9 +115,7 @@ def _chunk_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool,
         local, s_arrays, z, partial, full, target = _chunk_views(
             settings, keys, has_teacher, has_full, h_s, lam, rest)
 
-        def row_losses(logits):
-            return obj.token_losses(logits, tokens, target, local)
-
+        row_losses = _loss_of_logits(tokens, partial, full, target, local)
         (losses,), (dz,) = mx.vjp(row_losses, [z], [mx.ones(tokens.shape, mx.float32)])
         grad_h = project(dz.astype(z.dtype), s_arrays, keys[0], False)  # (C, H)
         if not with_diagnostics:
@@ -126,10 +140,10 @@ def _head_grad_body(settings: ObjectiveSettings, keys: tuple, has_teacher: bool,
         return _CHUNK_BODIES[key]
 
     def body(acc, h_s, tokens, lam, g, *rest):
-        local, _, z, _, _, target = _chunk_views(
+        local, _, z, partial, full, target = _chunk_views(
             settings, keys, has_teacher, has_full, h_s, lam, rest)
         weigh = g != 0  # rows nobody weighs add exactly nothing (even a NaN there)
-        _, (dz,) = mx.vjp(lambda logits: obj.token_losses(logits, tokens, target, local), [z],
+        _, (dz,) = mx.vjp(_loss_of_logits(tokens, partial, full, target, local), [z],
                           [mx.where(weigh, g, 0.0).astype(mx.float32)])
         dz = mx.where(weigh[:, None], dz, 0.0).astype(mx.float32)  # (C, V)
         h = mx.where(weigh[:, None], h_s, 0.0).astype(mx.float32)  # (C, H)

@@ -46,6 +46,10 @@ class ObjectiveSettings:
     # rows (tokens) per chunk in the fused loss: about 29 fp32 (chunk, V) buffers live at once
     # (1.1 GB at V = 152k); 64 took ~10% more CPU time than 128 (T = 256) for half the memory
     chunk_size: int = 64  # fused loss: rows per chunk at V >= 32768 (more rows below: fused.chunk_rows)
+    # 0: the target over the whole vocabulary (exact). k > 0: a top-k teacher: per row the
+    # loss is scored on the support top_k(P) | top_k(F) | {sampled token}, target and student
+    # both renormalized there (see `top_k_support`, METHOD.md "A top-k teacher")
+    teacher_top_k: int = 0
 
     def validate(self) -> None:
         """Raise `UserError` naming the first out-of-range field."""
@@ -61,6 +65,8 @@ class ObjectiveSettings:
              "an integer >= 0"),
             ("reduction", self.reduction in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}"),
             ("chunk_size", _is_int(self.chunk_size) and self.chunk_size >= 1, "an integer >= 1"),
+            ("teacher_top_k", _is_int(self.teacher_top_k) and self.teacher_top_k >= 0,
+             "an integer >= 0 (0: the whole vocabulary)"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -236,6 +242,84 @@ def token_losses(student_logits: mx.array, tokens: mx.array, target: mx.array | 
     return -mx.stop_gradient(d) * s_y  # "advantage"
 
 
+# ----------------------------------------------------------------------------- top-k teacher
+
+def top_k_support(partial: mx.array, full: mx.array | None, tokens: mx.array,
+                  k: int) -> tuple[mx.array, mx.array]:
+    """The top-k teacher's support per row: top_k(P) | top_k(F) | {y} (F absent: top_k(P) |
+    {y}), as (index, keep): index (..., K) int32 sorted ascending, K = 2k + 1 (k + 1 without
+    F, k capped at V), keep (..., K) bool, False on the repeats of an index (each vocabulary
+    entry counts once). top_k takes exactly k entries of each view (mx.argpartition: at a tie
+    on the k-th value, which of the tied entries is implementation-defined)."""
+    k = min(k, partial.shape[-1])
+    parts = [mx.argpartition(-partial, k - 1, axis=-1)[..., :k]]
+    if full is not None:
+        parts.append(mx.argpartition(-full, k - 1, axis=-1)[..., :k])
+    parts.append(tokens[..., None])
+    index = mx.sort(mx.concatenate([p.astype(mx.int32) for p in parts], axis=-1), axis=-1)
+    first = mx.ones((*index.shape[:-1], 1), dtype=mx.bool_)
+    keep = mx.concatenate([first, index[..., 1:] != index[..., :-1]], axis=-1)
+    return mx.stop_gradient(index), mx.stop_gradient(keep)
+
+
+def _on_support(x: mx.array, index: mx.array, keep: mx.array) -> mx.array:
+    """x at the support's entries (..., K), -inf on repeated indices."""
+    return mx.where(keep, mx.take_along_axis(_f32(x), index, axis=-1), -mx.inf)
+
+
+def support_target(partial: mx.array, full: mx.array | None, index: mx.array,
+                   keep: mx.array, settings: ObjectiveSettings) -> mx.array:
+    """T^k on the gathered support (..., K), -inf on repeated indices: the anchored target built
+    from the views' full-vocabulary log-probs P and F at the support's entries and normalized
+    over the support (log_softmax over K of P + lam * clip(F - P)), which is the exact target
+    restricted to the support and renormalized; no pass over V beyond P and F themselves."""
+    p = _on_support(partial, index, keep)
+    if full is None:
+        t = p
+    else:
+        t = _anchored_from_logprobs(p, _on_support(full, index, keep), settings.lam,
+                                    settings.clip)
+        t = mx.where(keep, t, -mx.inf)  # repeats: floored entries of no mass, now exactly none
+    return mx.stop_gradient(t - logsumexp(t))
+
+
+def support_losses(student_logits: mx.array, tokens: mx.array, partial: mx.array,
+                   full: mx.array | None, index: mx.array, keep: mx.array,
+                   settings: ObjectiveSettings) -> mx.array:
+    """`token_losses` of the top-k teacher on the gathered support (..., K) instead of the
+    vocabulary (the fused chunk's form): the target from `support_target`, the student's
+    logits restricted to the support (its log_softmax there is the student renormalized on
+    the support), the sampled token found at its (first) place in the sorted index."""
+    t = support_target(partial, full, index, keep, settings)
+    z = _on_support(student_logits, index, keep)
+    place = mx.argmax((index == tokens[..., None].astype(mx.int32)).astype(mx.int32), axis=-1)
+    return token_losses(z, place, t, settings)
+
+
+def support_mask(index: mx.array, vocab: int) -> mx.array:
+    """(..., V) bool: True on the support's entries (the naive path's form of the support)."""
+    mask = mx.zeros((*index.shape[:-1], vocab), dtype=mx.bool_)
+    return mx.put_along_axis(mask, index, mx.array(True), axis=-1)
+
+
+def masked_top_k_losses(student_logits, tokens, partial, full, target,
+                        settings: ObjectiveSettings) -> mx.array:
+    """The naive form of the top-k teacher over the whole vocabulary: target and student
+    logits set to -inf off the support, the target renormalized (log_softmax) on it."""
+    index, keep = top_k_support(partial, full, tokens, settings.teacher_top_k)
+    mask = support_mask(index, target.shape[-1])
+    t = mx.stop_gradient(log_softmax(mx.where(mask, _f32(target), -mx.inf)))
+    z = mx.where(mask, _f32(student_logits), -mx.inf)
+    return token_losses(z, tokens, t, settings)
+
+
+def uses_top_k(settings: ObjectiveSettings, target) -> bool:
+    """The top-k teacher applies: 0 < teacher_top_k < V and a loss that reads a teacher view
+    (k >= V: the support is the whole vocabulary, the exact loss, computed as such)."""
+    return (settings.teacher_top_k > 0 and target is not None and settings.loss_type != "nll"
+            and settings.teacher_top_k < target.shape[-1])
+
+
 def top_k_overlap(a: mx.array, b: mx.array, k: int = TOPK_OVERLAP) -> mx.array:
     """|top_k(a) & top_k(b)| / k over the last axis. top_k(x) = {v : x_v >= k-th largest x};
     with ties at the k-th value a set can exceed k, so divide by the larger set (<= 1)."""
@@ -320,6 +404,9 @@ def naive_loss(student_logits: mx.array, tokens: mx.array, mask: mx.array,
     if target is not None:
         partial, full, target = (None if x is None else mx.stop_gradient(x)
                                  for x in (partial, full, target))
-    per_token = token_losses(student_logits, tokens, target, settings)
+    if uses_top_k(settings, target):
+        per_token = masked_top_k_losses(student_logits, tokens, partial, full, target, settings)
+    else:
+        per_token = token_losses(student_logits, tokens, target, settings)
     diags = token_diagnostics(student_logits, tokens, partial, full, target, settings)
     return finish(per_token, diags, mask, settings)

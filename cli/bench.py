@@ -41,6 +41,10 @@ def bench_command(
         help="peer: timed steps of each side per round (default 2; --quick 1)."),
     device: str = typer.Option("auto", "--device",
                                help="auto | cpu | cuda: MLX's device and where TRL runs (peer)."),
+    top_k: Optional[List[int]] = typer.Option(
+        None, "--top-k", min=1,
+        help="objective: the top-k teacher (objective.teacher_top_k) at these k against the "
+             "exact target on the bench models (loss difference, time, memory); repeatable."),
 ):
     """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer, memory plan."""
     from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
@@ -52,6 +56,10 @@ def bench_command(
             raise UserError(f"--model must be one of {', '.join(MODELS)}, got {m!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if top_k:
+        if what != "objective":
+            raise UserError("--top-k goes with `bench objective`")
+        return _bench_top_k(top_k, list(model) if model else ["lab", "56m"], quick, json_out)
     which = list(BENCHMARKS) if what == "all" else [what]
     try:
         result = run_suite(which, quick=quick, models=list(model) if model else None,
@@ -74,4 +82,31 @@ def bench_command(
                f"{m.get('loadavg_end')} on {m['cpus']} CPUs")
     if json_out:
         write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
+
+
+def _bench_top_k(ks: List[int], models: List[str], quick: bool, json_out: Optional[Path]):
+    """`bench objective --top-k K ...`: aropd_mlx.bench.objective.bench_top_k per model."""
+    import json
+
+    import os
+
+    from aropd_mlx.bench.objective import bench_top_k, format_top_k
+    from aropd_mlx.bench.suite import machine_info
+
+    for m in models:
+        if m not in ("lab", "56m"):
+            raise UserError(f"--top-k runs on the lab and 56m bench models, got {m!r}")
+    size = dict(batch=1, group=2, max_new_tokens=8, repeats=0) if quick else {}
+    machine, results = machine_info(), []
+    for m in models:
+        results.append(bench_top_k(m, ks=tuple(sorted(set(ks))), **size))
+        typer.echo(format_top_k(results[-1]))
+        typer.echo("")
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_end"] = list(os.getloadavg())
+    typer.echo(f"BLAS: {machine['blas']}; load average {machine.get('loadavg_start')} -> "
+               f"{machine.get('loadavg_end')} on {machine['cpus']} CPUs")
+    if json_out:
+        json_out.write_text(json.dumps({"machine": machine, "top_k": results}, indent=1))
         typer.echo(f"wrote {json_out}")

@@ -6,7 +6,7 @@ meanings; written from METHOD.md on its own (no mlx import, so it runs on a CUDA
 mlx). Works on any device; math runs in float32
 (float64 stays float64). `settings` is duck-typed: any object with the attributes of
 `aropd_mlx.objective.ObjectiveSettings` (lam, clip, alpha, loss_type, student_temperature,
-teacher_temperature, skip_first_tokens, reduction).
+teacher_temperature, skip_first_tokens, reduction; teacher_top_k optional, default 0).
 
     python -c "import torch; from aropd_mlx.backends.torch.objective import *; \
                x = torch.randn(2, 5); print(generalized_jsd(x, torch.log_softmax(-x, -1), 0.5))"
@@ -166,6 +166,68 @@ def token_losses(student_logits, tokens, target, settings) -> torch.Tensor:
     raise ValueError(f"unknown loss_type {kind!r}")
 
 
+def top_k_support(partial, full, tokens, k: int):
+    """(index, keep): per row top_k(P) | top_k(F) | {y} (F may be None), index (..., K)
+    sorted ascending, K = 2k + 1 (k + 1 without F, k capped at V), keep False on repeats."""
+    k = min(k, partial.shape[-1])
+    parts = [torch.topk(partial, k, dim=-1).indices]
+    if full is not None:
+        parts.append(torch.topk(full, k, dim=-1).indices)
+    parts.append(tokens.long().unsqueeze(-1))
+    index = torch.cat(parts, dim=-1).sort(dim=-1).values
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[..., 1:] = index[..., 1:] != index[..., :-1]
+    return index, keep
+
+
+def _on_support(x, index, keep):
+    """x at the support's entries, -inf on repeated indices."""
+    return _f32(x).gather(-1, index).masked_fill(~keep, -math.inf)
+
+
+def support_target(partial, full, index, keep, settings):
+    """T^k on the gathered support: the anchored target from P and F at the support's
+    entries, normalized over the support; -inf on repeated indices."""
+    p = _on_support(partial, index, keep)
+    if full is None:
+        t = p
+    else:
+        t = _anchored_from_logprobs(p, _on_support(full, index, keep), settings.lam,
+                                    settings.clip).masked_fill(~keep, -math.inf)
+    return (t - torch.logsumexp(t, dim=-1, keepdim=True)).detach()
+
+
+def support_losses(student_logits, tokens, partial, full, index, keep, settings):
+    """token_losses of the top-k teacher on the gathered support: target and student both
+    restricted to the support and renormalized there."""
+    t = support_target(partial, full, index, keep, settings)
+    z = _on_support(student_logits, index, keep)
+    place = (index == tokens.long().unsqueeze(-1)).int().argmax(dim=-1)
+    return token_losses(z, place, t, settings)
+
+
+def support_mask(index, vocab: int):
+    """(..., V) bool, True on the support."""
+    mask = torch.zeros((*index.shape[:-1], vocab), dtype=torch.bool, device=index.device)
+    return mask.scatter(-1, index, True)
+
+
+def masked_top_k_losses(student_logits, tokens, partial, full, target, settings):
+    """The top-k teacher over the whole vocabulary: -inf off the support, target renormalized."""
+    index, _ = top_k_support(partial, full, tokens, settings.teacher_top_k)
+    mask = support_mask(index, target.shape[-1])
+    t = torch.log_softmax(_f32(target).masked_fill(~mask, -math.inf), dim=-1).detach()
+    z = _f32(student_logits).masked_fill(~mask, -math.inf)
+    return token_losses(z, tokens, t, settings)
+
+
+def uses_top_k(settings, target) -> bool:
+    """teacher_top_k > 0 (duck-typed settings without it: 0) and a loss reading a teacher view."""
+    k = getattr(settings, "teacher_top_k", 0) or 0
+    return (k > 0 and target is not None and settings.loss_type != "nll"
+            and k < target.shape[-1])
+
+
 def top_k_overlap(a, b, k: int = TOPK_OVERLAP) -> torch.Tensor:
     k = min(k, a.shape[-1])
     top_a = a >= torch.topk(a, k, dim=-1).values[..., -1:]
@@ -205,7 +267,10 @@ def naive_loss(student_logits, tokens, mask, teacher_logits=None, full_logits=No
     if hasattr(settings, "validate"):
         settings.validate()
     partial, full, target = teacher_views(teacher_logits, full_logits, settings)
-    per_token = token_losses(student_logits, tokens, target, settings)
+    if uses_top_k(settings, target):
+        per_token = masked_top_k_losses(student_logits, tokens, partial, full, target, settings)
+    else:
+        per_token = token_losses(student_logits, tokens, target, settings)
     diags = token_diagnostics(student_logits, tokens, partial, full, target, settings)
     return finish(per_token, diags, mask, settings)
 

@@ -135,3 +135,28 @@ def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
         for k in map(str, ks):
             want = found["measured"][view]["by_k"][k]["all_steps_correct"]
             assert abs(got["by_k"][k]["all_steps_correct"] - want) <= 0.05, (view, k)
+
+
+def test_a_second_build_of_one_lab_waits_and_builds_nothing(tmp_path, monkeypatch):
+    """Two processes asking for one lab: the second waits on the build lock, then finds the
+    model the first one built (it never trains, never clears the first one's files)."""
+    import fcntl
+    import threading
+    import time
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    monkeypatch.setattr(setup, "warm_start", lambda *a, **k: pytest.fail("second build ran"))
+    monkeypatch.setattr(shipped, "install", lambda *a, **k: pytest.fail("second install ran"))
+    result = {}
+    with open(root / setup.BUILD_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "the first process" is building
+        waiter = threading.Thread(target=lambda: result.update(lab=prepare_lab(SMALL, root=root)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # waiting, not building
+        build_tiny_model(root / "model", SMALL.spec)
+        setup.write_data(SMALL, root)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert not waiter.is_alive() and result["lab"].model_path == root / "model"

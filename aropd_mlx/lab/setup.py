@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -130,18 +132,47 @@ def prepare_lab(settings: LabSettings = LabSettings(), *, rebuild: bool = False,
     `rebuild` always trains it again from scratch."""
     root = Path(root) if root else cache_root() / settings.key()
     lab = Lab(settings, root)
-    if rebuild:
-        shutil.rmtree(root, ignore_errors=True)
-    if lab.model_path.is_dir() and lab.train_path.is_file() and lab.eval_path.is_file():
+    ready = lambda: lab.model_path.is_dir() and lab.train_path.is_file() and lab.eval_path.is_file()
+    if ready() and not rebuild:
         return lab
-    root.mkdir(parents=True, exist_ok=True)
-    write_data(settings, root)
-    if rebuild or not shipped.install(settings, lab.model_path):  # shipped.py: no warm start
-        built = warm_start(settings, root, on_step)
-        os.replace(built, lab.model_path)
-    (root / "lab.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
-    shutil.rmtree(root / "init", ignore_errors=True)
+    with _build_lock(root):  # a second process waits, then finds the model built
+        if rebuild:
+            for p in root.iterdir():
+                if p.name != BUILD_LOCK:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif ready():
+            return lab
+        write_data(settings, root)
+        if rebuild or not shipped.install(settings, lab.model_path):  # shipped.py: no warm start
+            built = warm_start(settings, root, on_step)
+            os.replace(built, lab.model_path)
+        (root / "lab.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
+        shutil.rmtree(root / "init", ignore_errors=True)
     return lab
+
+
+BUILD_LOCK = ".build.lock"
+
+
+@contextmanager
+def _build_lock(root: Path):
+    """Hold root/.build.lock (fcntl) while the lab is built: two processes asking for the same
+    lab at once (a `lab measure` beside a `lab build`) must not both train and clear each
+    other's scratch folders."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / BUILD_LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"aropd-mlx: waiting for another process building the lab in {root}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def view_logprobs(model, tokenizer, examples, views) -> dict[str, float]:

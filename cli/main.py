@@ -55,7 +55,7 @@ def doctor(no_bench: bool = typer.Option(False, "--no-bench", help="Skip the GEM
 @lab_app.command("build")
 @handles_errors
 def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if cached.")):
-    """Build (or show) the lab's warm-started tiny model and data."""
+    """Install the shipped lab model and data (or build another AROPD_MLX_LAB recipe); cached."""
     from aropd_mlx.lab.defaults import lab_settings_for
     from aropd_mlx.lab.setup import prepare_lab
 

@@ -84,9 +84,9 @@ def _data(value, where) -> dict:
     path = Path(value).expanduser()
     if path.is_dir():
         out = {"data.train": value, "data.split": "train"}
-        from aropd_mlx.data import _file_split, _list_folder
+        from aropd_mlx.sources import file_split, list_folder
 
-        if any(_file_split(rel) == "validation" for rel in _list_folder(path)):
+        if any(file_split(rel) == "validation" for rel in list_folder(path)):
             out.update({"data.eval": value, "data.eval_split": "validation"})
         return out
     if not path.exists() and "://" not in value and re.fullmatch(r"[\w.-]+/[\w.-]+", value):

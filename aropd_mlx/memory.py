@@ -297,7 +297,7 @@ def memory_limit(cfg) -> tuple[int, str]:
     """train.memory_limit, or SAFE_SHARE of this machine's memory (and how it was chosen)."""
     if cfg.train.memory_limit:
         return parse_size(cfg.train.memory_limit, "train.memory_limit"), "train.memory_limit"
-    from aropd_mlx.platform import memory_total_bytes
+    from aropd_mlx.doctor import memory_total_bytes
 
     total = memory_total_bytes() or 16 * 10**9
     return int(SAFE_SHARE * total), f"{int(SAFE_SHARE * 100)}% of this machine's {gb(total)}"

@@ -47,7 +47,7 @@ app.command("bench")(bench.bench_command)
 @handles_errors
 def doctor(no_bench: bool = typer.Option(False, "--no-bench", help="Skip the GEMM measurement.")):
     """Versions, backend and device, memory, the BLAS in use and a measured GEMM GFLOP/s."""
-    from aropd_mlx.platform import doctor_info, format_doctor
+    from aropd_mlx.doctor import doctor_info, format_doctor
 
     typer.echo(format_doctor(doctor_info(bench=not no_bench)))
 

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from aropd_mlx import doctor
 from aropd_mlx import platform as plat
 
 LINUX = sys.platform.startswith("linux")
@@ -164,7 +165,7 @@ def test_reexec_argv_refuses_stdin_scripts(monkeypatch):
 
 
 def test_gemm_gflops_positive():
-    g = plat.gemm_gflops(256, repeats=2)
+    g = doctor.gemm_gflops(256, repeats=2)
     assert isinstance(g, float) and g > 0
 
 
@@ -174,21 +175,21 @@ def test_loaded_blas_names_something():
 
 
 def test_doctor_info_keys_and_format():
-    info = plat.doctor_info(bench=False)
+    info = doctor.doctor_info(bench=False)
     keys = {"python", "platform", "mlx", "mlx_lm", "backend", "device", "memory_total_gb",
             "blas", "gemm_gflops", "blas_fix", "torch", "torch_cuda", "transformers"}
     assert keys <= set(info)
     assert info["mlx"] and info["backend"] in ("Metal", "CUDA", "CPU")
     assert info["memory_total_gb"] and info["memory_total_gb"] > 0
     assert info["gemm_gflops"] is None
-    text = plat.format_doctor(info)
+    text = doctor.format_doctor(info)
     assert len(text.splitlines()) == len(info)
     assert "BLAS in use" in text and "mlx-lm" in text
 
 
 def test_doctor_info_measures_gemm(monkeypatch):
-    monkeypatch.setattr(plat, "gemm_gflops", lambda *a, **k: 12.5)
-    assert plat.doctor_info()["gemm_gflops"] == 12.5
+    monkeypatch.setattr(doctor, "gemm_gflops", lambda *a, **k: 12.5)
+    assert doctor.doctor_info()["gemm_gflops"] == 12.5
 
 
 CMEEL = plat._cmeel_openblas() if LINUX else None
@@ -212,7 +213,7 @@ def test_pip_openblas_is_first_and_needs_no_system_library():
     gfortran = [p for p in mapped if "gfortran" in p]
     assert gfortran and all("mlx_cpu.libs" in p for p in gfortran), mapped
     assert all("cmeel.prefix" in p for p in mapped if "libopenblas" in p), mapped
-    assert plat.gemm_gflops(256, repeats=1) > 0
+    assert doctor.gemm_gflops(256, repeats=1) > 0
 
 
 def test_blas_order_and_override(monkeypatch, tmp_path):

@@ -202,7 +202,7 @@ class FlopModel:
 def gemm_peak_gflops() -> float:
     """This machine's measured float32 GEMM speed (the MFU denominator): best of 1024^3 and
     2048^3, median of a few runs each."""
-    from aropd_mlx.platform import gemm_gflops
+    from aropd_mlx.doctor import gemm_gflops
 
     return max(gemm_gflops(1024, repeats=5), gemm_gflops(2048, repeats=3))
 

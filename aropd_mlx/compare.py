@@ -47,6 +47,11 @@ class CompareSettings:
     pool: int | None = None  # oracle-traced problems to train on (None: the whole lab pool)
     dev: bool = False  # evaluate on dev problems (lab/measure.dev_examples): for choosing settings
     overrides: dict = field(default_factory=dict)  # extra config keys for every trained run
+    # "clean": the privileged references are the oracle traces; "other-writer": another
+    # writer's (task.reference_variant "reversed_notation": operands swapped, subtraction as
+    # adding the inverse), for the teacher's views and as SFT's targets alike
+    setting: str = "clean"
+    sft_steps: int | None = None  # SFT's own step count (e.g. AR-OPD's wall-clock); None: steps
     out: str = "runs/compare"
     reuse: bool = True  # reuse finished (variant, seed) runs with identical settings
 
@@ -64,8 +69,15 @@ class CompareSettings:
             raise UserError("compare: --partial-ratios must lie in [0, 1]")
         if self.pool is not None and self.pool < 1:
             raise UserError("compare: --pool must be >= 1")
+        if self.setting not in SETTINGS:
+            raise UserError(f"compare: unknown --setting {self.setting!r} "
+                            f"(known: {', '.join(SETTINGS)})")
+        if self.sft_steps is not None and self.sft_steps < 1:
+            raise UserError("compare: --sft-steps must be >= 1")
         return self
 
+
+SETTINGS = {"clean": "oracle", "other-writer": "reversed_notation"}  # -> reference style
 
 # From measured step costs (docs/EVALUATION.md "Measured cost"): <= 15 min on 2 idle cores.
 QUICK = {"seeds": 3, "steps": 30}
@@ -155,9 +167,10 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
     from aropd_mlx.trainer import train
 
     run_dir = Path(settings.out) / "runs" / variant.slug / f"seed{seed}"
-    spec = json.loads(json.dumps({"variant": asdict(variant), "seed": seed, "steps": settings.steps,
+    steps = settings.sft_steps if variant.method == "sft" and settings.sft_steps else settings.steps
+    spec = json.loads(json.dumps({"variant": asdict(variant), "seed": seed, "steps": steps,
                                   "pool": settings.pool, "overrides": settings.overrides,
-                                  "dev": settings.dev,
+                                  "dev": settings.dev, "setting": settings.setting,
                                   "lab": lab.settings.key()}))  # as it reads back from JSON
     saved = run_dir / "result.json"
     if settings.reuse and saved.is_file():
@@ -165,7 +178,7 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
         if cached.get("spec") == spec:
             return cached
     shutil.rmtree(run_dir, ignore_errors=True)  # not reused: made again from scratch
-    cfg = load_config(overrides=run_overrides(lab, variant, seed, settings.steps, run_dir,
+    cfg = load_config(overrides=run_overrides(lab, variant, seed, steps, run_dir,
                                               settings.overrides))
     model, tokenizer = load_student(cfg.model, seed=seed)
     t0 = time.perf_counter()
@@ -231,17 +244,30 @@ def _step_reporter(say: Callable[[str], None], steps: int) -> Callable[[dict], N
     return on_step
 
 
-def load_lab_data(lab, pool: int | None, dev: bool = False) -> dict:
+def load_lab_data(lab, pool: int | None, dev: bool = False, setting: str = "clean") -> dict:
+    """The train pool (its references in the setting's style) and the evaluation problems."""
     from aropd_mlx.data import load_examples
 
     train_ex = load_examples(str(lab.train_path), need=("question", "solution", "answer"))
     if pool is not None:
         train_ex = train_ex[:pool]
+    if SETTINGS[setting] != "oracle":
+        train_ex = other_writer(train_ex, SETTINGS[setting])
     if dev:  # problems apart from the held-out set: choosing settings leaves it untouched
         from aropd_mlx.lab.measure import dev_examples
 
         return {"train": train_ex, "eval": dev_examples(lab.settings)}
     return {"train": train_ex, "eval": load_examples(str(lab.eval_path), need=("question", "answer"))}
+
+
+def other_writer(examples: list, style: str) -> list:
+    """The examples with their solutions rewritten in another writer's `style`."""
+    import random
+
+    from aropd_mlx.lab.task import reference_variant
+
+    return [replace(e, solution=reference_variant(asdict(e), style, random.Random(e.id))["solution"])
+            for e in examples]
 
 
 def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None] | None = None) -> dict:
@@ -257,15 +283,16 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
         from aropd_mlx.lab.setup import prepare_lab
 
         lab = prepare_lab(lab_settings_for(load_config()))
-    data = load_lab_data(lab, settings.pool, settings.dev)
+    data = load_lab_data(lab, settings.pool, settings.dev, settings.setting)
     variants = plan(settings)
     jobs = schedule(settings)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
     t0 = time.perf_counter()
     for i, (v, seed) in enumerate(jobs, 1):
+        steps = settings.sft_steps if v.method == "sft" and settings.sft_steps else settings.steps
         say(f"[{i}/{len(jobs)}] {v.name} seed {seed}: "
-            + ("evaluating" if v.method == "base" else f"training {settings.steps} steps"))
-        r = run_one(lab, v, seed, settings, data, on_step=_step_reporter(say, settings.steps))
+            + ("evaluating" if v.method == "base" else f"training {steps} steps"))
+        r = run_one(lab, v, seed, settings, data, on_step=_step_reporter(say, steps))
         results[v.name].append(r)
         m = r["metrics"]
         say(f"    accuracy {m['accuracy']:.3f}, long {m['long_accuracy']:.3f}, train "

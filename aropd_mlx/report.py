@@ -186,10 +186,11 @@ def _accuracy_table(groups: dict, compares: list[dict], metric: str, by: str) ->
 
 
 def plot_accuracy(groups: dict, compares: list[dict], out: Path, by: str) -> Path | None:
-    """Grouped bars of accuracy and all-steps-correct per method, by k (the lab) or by response
-    length; by length only where it shows two buckets or more (or there is no k)."""
+    """Grouped bars of accuracy, all-steps-correct and the shortcut rate per method (each one
+    that was measured), by k (the lab) or by response length; by length only where it shows
+    two buckets or more (or there is no k)."""
     panels = [(m, _accuracy_table(groups, compares, m, by))
-              for m in ("accuracy", "all_steps_correct_rate")]
+              for m in ("accuracy", "all_steps_correct_rate", "shortcut_rate")]
     panels = [(m, t) for m, t in panels if t]
     if not panels:
         return None
@@ -377,6 +378,13 @@ def compare_markdown(comp: dict) -> str:
             "The intervals cover seed-to-seed noise on this fixed held-out set only; as a "
             "claim about the task, an accuracy p on n problems carries another "
             "±1.96·sqrt(p(1−p)/n) of sampling noise (±0.07 at p = 0.5, n = 192).\n"]
+    if s.get("setting", "clean") != "clean":
+        head.append(f"Setting: **{s['setting']}**: the privileged references (and SFT's "
+                    "targets) are another writer's traces, not the oracle's; the checker accepts "
+                    "every notation the task allows.\n")
+    if s.get("sft_steps"):
+        head.append(f"SFT ran {s['sft_steps']} steps (the other methods {s['steps']}); mean "
+                    "train seconds per method are in compare.json.\n")
     rows = []
     for v in variants:
         name = v["name"] + (" (no-signal control)" if v["method"] == "opd" else "")

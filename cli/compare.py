@@ -4,6 +4,7 @@
     aropd-mlx compare --seeds 3 --steps 150          # the full setting
     aropd-mlx compare --lams 0.6,0.8,1.2 --partial-ratios 0.25,0.5 --out runs/sweep
     aropd-mlx compare --methods full-opd,ar-opd --seeds 1 --steps 2   # a smoke run
+    aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
 """
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ def parse_list(values: Optional[List[str]], kind=float, name: str = "") -> Optio
         raise UserError(f"--{name}: expected a comma-separated list, got {','.join(values)!r}") from None
 
 
+def parse_sets(values: Optional[List[str]]) -> dict:
+    """'--set train.learning_rate=1e-4' -> {"train.learning_rate": 1e-4} (YAML scalars), each
+    key checked against the run config at once."""
+    import yaml
+
+    from aropd_mlx.config import load_config
+
+    out = {}
+    for item in values or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key.strip()}: cannot read the value {text!r}") from None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    load_config(overrides=out)  # an unknown key or a bad value stops here, in one line
+    return out
+
+
 @handles_errors
 def compare_command(
     quick: bool = typer.Option(False, "--quick",
@@ -46,6 +73,14 @@ def compare_command(
     fresh: bool = typer.Option(False, "--fresh", help="Rerun finished (variant, seed) runs too."),
     dev: bool = typer.Option(False, "--dev", help="Evaluate on dev problems (for choosing settings; "
                                                   "the held-out set stays for results)."),
+    setting: str = typer.Option("clean", help=(
+        "clean: oracle references; other-writer: another writer's notation, for the "
+        "teacher's views and SFT's targets alike.")),
+    sft_steps: Optional[int] = typer.Option(None, "--sft-steps", help=(
+        "SFT's own step count (e.g. the steps that match AR-OPD's wall-clock).")),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=(
+        "KEY=VALUE config override for every trained run, repeatable, e.g. "
+        "--set train.learning_rate=1e-4 --set model.fine_tune_type=full.")),
 ):
     """Compare base, SFT, OPD, Partial OPD, Full OPD and AR-OPD on the lab (several seeds)."""
     from dataclasses import replace
@@ -57,7 +92,8 @@ def compare_command(
 
     from .train import _build_progress
 
-    settings = CompareSettings(out=out, reuse=not fresh, pool=pool, dev=dev)
+    settings = CompareSettings(out=out, reuse=not fresh, pool=pool, dev=dev, setting=setting,
+                               sft_steps=sft_steps, overrides=parse_sets(set_))
     if quick:
         settings = quick_settings(settings)
     given = {"seeds": seeds, "first_seed": first_seed, "steps": steps, "lams": parse_list(lams, float, "lams"),

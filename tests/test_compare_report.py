@@ -135,6 +135,10 @@ def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
     assert names == ["accuracy_by_k.png", "diagnostics_by_position.png", "training_curves.png"]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    # by k: three panels (accuracy, all-steps-correct, shortcut rate), each 7 inches wide
+    png = (tmp_path / "plots" / "accuracy_by_k.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert 4.6 < width / height < 5.4, (width, height)
 
 
 def _synthetic_run(d, method="ar-opd", seed=0, long=False):
@@ -233,3 +237,52 @@ def test_paired_deltas_by_k_and_first_seed():
     assert [(v.name, seed) for v, seed in schedule(s)] == [("base", 5), ("ar-opd", 5), ("ar-opd", 6)]
     with pytest.raises(UserError):
         CompareSettings(first_seed=-1).validate()
+
+
+def test_other_writer_setting_rewrites_references_and_sft_gets_its_own_steps(tiny_lab, tmp_path):
+    """--setting other-writer: the train pool's references (teacher hints, SFT targets) are
+    another writer's lines, each a correct step by the checker, never the oracle's own; the
+    held-out problems are untouched; --sft-steps gives SFT its own step count."""
+    from aropd_mlx.compare import load_lab_data
+    from aropd_mlx.lab import task
+
+    clean = load_lab_data(tiny_lab, None, False, "clean")
+    other = load_lab_data(tiny_lab, None, False, "other-writer")
+    assert [e.question for e in clean["train"]] == [e.question for e in other["train"]]
+    assert other["eval"] == clean["eval"]
+    for c, o in zip(clean["train"], other["train"]):
+        assert o.answer == c.answer and task.check(o.question, f"{o.solution}\nA:{o.answer}"
+                                                   ).all_steps_correct
+        assert all(a != b or a[0] == a[2] for a, b in zip(o.solution.split("\n"),
+                                                          c.solution.split("\n")))
+    out = tmp_path / "ow"
+    settings = CompareSettings(methods=("sft", "ar-opd"), seeds=1, steps=1, sft_steps=3,
+                               setting="other-writer", out=str(out),
+                               overrides={"train.batch_size": 2, "rollout.group_size": 2})
+    result = compare(settings, lab=tiny_lab)
+    runs = {r["name"]: out / r["run_dir"] for r in result["runs"]}
+    assert json.loads((runs["sft"] / "summary.json").read_text())["steps_done"] == 3
+    assert json.loads((runs["ar-opd"] / "summary.json").read_text())["steps_done"] == 1
+    md = (out / "compare.md").read_text()
+    assert "other-writer" in md and "SFT ran 3 steps" in md
+    with pytest.raises(UserError, match="--setting"):
+        CompareSettings(setting="messy").validate()
+
+
+def test_cli_compare_set_overrides_are_checked_at_once():
+    import typer
+    from typer.testing import CliRunner
+
+    from aropd_mlx.cli.compare import compare_command, parse_sets
+
+    assert parse_sets(["train.learning_rate=1e-4", "model.fine_tune_type=full"]) == {
+        "train.learning_rate": 1e-4, "model.fine_tune_type": "full"}
+    app = typer.Typer()
+    app.command("compare")(compare_command)
+    app.command("other")(lambda: None)
+    for args, said in ((["--set", "train.nope=1"], "unknown key 'train.nope'"),
+                       (["--set", "train.learning_rate"], "expected KEY=VALUE"),
+                       (["--set", "train.learning_rate=abc"], "expected a number")):
+        res = CliRunner().invoke(app, ["compare", *args])
+        assert res.exit_code == 2 and said in res.output, res.output
+        assert "Traceback" not in res.output

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from aropd_mlx.errors import UserError
-from aropd_mlx.lab import setup, shipped
+from aropd_mlx.lab import setup, shipped, task
 from aropd_mlx.lab.measure import rates_by_k, well_formed
 from aropd_mlx.lab.setup import LabSettings, prepare_lab
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
@@ -95,6 +95,37 @@ def test_warm_start_trains_long_problems_through_privileged_views_only(tmp_path)
     assert l.prompts["student"] == l.prompts["partial"] != l.prompts["full"]
     assert warm_encoder(replace(settings, student_view_k_max=0), cfg, tok)(long).prompts[
         "student"] != l.prompts["partial"]
+
+
+def test_warm_start_writes_hints_in_the_drawn_reference_style(tmp_path):
+    """warm_hint_styles: the privileged prompts carry the hint lines in the example's drawn
+    style (another writer's notation), the student prompt and the SFT target stay the
+    oracle's; the draw is fixed per example and the default key is unchanged."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.setup import hint_style, warm_encoder
+
+    base = replace(SMALL, k_max=4, student_view_k_max=0)
+    other = replace(base, warm_hint_styles=("reversed_notation",))
+    assert replace(base, warm_hint_styles=("oracle",)).key() == base.key() != other.key()
+    _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
+    cfg = load_config(overrides={**view_overrides(4), "train.method": "sft",
+                                 "train.sft_view_mix": [0.5, 0.25, 0.25]})
+    ex = lab_examples(n=1, k_min=3, k_max=3)[0]
+    plain, hinted = warm_encoder(base, cfg, tok)(ex), warm_encoder(other, cfg, tok)(ex)
+    reversed_lines = task.reference_variant(
+        {"question": ex.question, "solution": ex.solution, "answer": ex.answer},
+        "reversed_notation", None)["solution"]
+    assert reversed_lines.split("\n")[0] in tok.decode(hinted.prompts["full"])
+    assert ex.solution.split("\n")[0] not in tok.decode(hinted.prompts["full"])
+    assert hinted.prompts["student"] == plain.prompts["student"]
+    assert hinted.oracle == plain.oracle and hinted.prompts["full"] != plain.prompts["full"]
+    mixed = replace(base, warm_hint_styles=("oracle", "reversed_notation"))
+    many = lab_examples(n=200, k_min=1, k_max=4)
+    drawn = [hint_style(mixed, e) for e in many]
+    assert drawn == [hint_style(mixed, e) for e in many] and 60 < drawn.count("oracle") < 140
 
 
 def test_dev_problems_are_apart_from_the_held_out_set():

@@ -276,3 +276,38 @@ def test_oracle_response_is_all_correct(q):
     assert v.all_steps_correct and v.answer_correct and v.shortcut is None
     assert v.first_error_step is None and v.steps_correct == v.steps_required == len(steps)
     assert all(len(s) == LINE_WIDTH for s in steps)
+
+
+# ---------------------------------------------------------------- accepted notations
+
+
+def test_checker_accepts_every_notation_the_task_allows():
+    # swapped operands for + and *, subtraction as adding the inverse (either order)
+    for steps in (["5+7=2", "3*2=6", "6+8=4", "8+4=2"], ["7+5=2", "2*3=6", "8+6=4", "4+8=2"],
+                  ["5+7=2", "2*3=6", "6+8=4", "8+4=2"]):
+        v = check(Q, format_response(steps, "2"))
+        assert v.all_steps_correct and v.shortcut is None, steps
+
+
+def test_checker_rejects_wrong_lines_in_any_notation():
+    # each line below is wrong in exactly one way; the chain stays on the oracle's values
+    for bad in ("5+7=3", "3-2=1", "2-6=4", "8-6=2", "6+2=8", "4*2=8"):
+        i = {"5+7=3": 0, "3-2=1": 1, "2-6=4": 2, "8-6=2": 2, "6+2=8": 2, "4*2=8": 1}[bad]
+        steps = list(ORACLE)
+        steps[i] = bad
+        v = check(Q, format_response(steps, "2"))
+        assert v.first_error_step == i and not v.all_steps_correct, bad
+
+
+@settings(max_examples=200, deadline=None)
+@given(_question, st.integers(0, 2**31))
+def test_other_writer_references_are_correct_chains(q, seed):
+    # a reversed-notation reference, written as a response, is all-steps-correct; corrupting
+    # one of its result digits breaks exactly that step
+    steps, answer = solve(q)
+    ex = {"id": "x", "question": q, "solution": "\n".join(steps), "answer": answer}
+    lines = reference_variant(ex, "reversed_notation", random.Random(0))["solution"].split("\n")
+    assert check(q, format_response(lines, answer)).all_steps_correct
+    i = random.Random(seed).randrange(len(lines))
+    lines[i] = lines[i][:-1] + str((int(lines[i][-1]) + 1) % 10)
+    assert check(q, format_response(lines, answer)).first_error_step == i

@@ -39,11 +39,17 @@ class LabSettings:
     # ones are seen through the privileged views alone: a teacher that reads its hints at
     # every k, a student sharp on short problems and imperfect on long ones (LAB.md)
     student_view_k_max: int = 6
+    # the reference styles (task.reference_variant) the warm start writes the privileged
+    # views' hints in, one drawn per problem: a teacher that also reads another writer's
+    # notation (the other-writer setting of `compare`); the response is always the oracle's
+    warm_hint_styles: tuple[str, ...] = ("oracle",)
 
     def key(self) -> str:
         values = asdict(self)
         if not values["student_view_k_max"]:  # keys of labs built before the field existed
             del values["student_view_k_max"]
+        if tuple(values["warm_hint_styles"]) == ("oracle",):
+            del values["warm_hint_styles"]
         blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

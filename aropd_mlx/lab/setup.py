@@ -75,15 +75,38 @@ def write_data(settings: LabSettings, root: Path) -> None:
     write_examples(root / "eval.jsonl", eval_examples(settings))
 
 
+def hint_style(settings: LabSettings, ex) -> str:
+    """The reference style of an example's privileged hints in the warm start: drawn from
+    settings.warm_hint_styles by the example's id (the same every epoch and machine)."""
+    import hashlib
+
+    styles = settings.warm_hint_styles
+    digest = hashlib.sha256(f"{settings.seed}:{ex.id}".encode()).digest()
+    return styles[int.from_bytes(digest[:4], "little") % len(styles)]
+
+
 def warm_encoder(settings: LabSettings, cfg, tokenizer):
     """The warm start's prompt encoder: past settings.student_view_k_max operations, an
     example's "student" prompt is its partial view, so long problems train the privileged
-    views only (the draw's view mix then applies between partial and full)."""
+    views only (the draw's view mix then applies between partial and full). The privileged
+    prompts carry the hints in the example's `hint_style`; the target stays the oracle trace."""
+    import random
+    from dataclasses import replace
+
     from aropd_mlx.batches import PromptEncoder
 
     class WarmEncoder(PromptEncoder):
         def _encode(self, ex):
             enc = super()._encode(ex)
+            style = hint_style(settings, ex)
+            if enc is not None and style != "oracle":
+                other = replace(ex, solution=task.reference_variant(
+                    asdict(ex), style, random.Random(ex.id))["solution"])
+                hinted = super()._encode(other)
+                if hinted is None:
+                    return None
+                enc.prompts.update({v: hinted.prompts[v] for v in ("partial", "full")
+                                    if v in hinted.prompts})
             limit = settings.student_view_k_max
             if enc is not None and limit and len(task.parse_question(ex.question)[1]) > limit:
                 enc.prompts["student"] = enc.prompts["partial"]

@@ -25,10 +25,13 @@ How `check` reads a response (the definitions the lab's metrics rest on)
 * Every non-blank line before the answer line is a **written step**, by position: line i is
   the response's attempt at step i (0-based). Garbage lines count as written (and wrong);
   lines at positions >= k are **extra steps** (never correct).
-* Step i (i < k) is **locally valid** when the line is well formed (``<d><op><d>=<d>``), its
-  left operand equals the previous result *as written by the response* (for step 0: the
-  question's start digit), its operator and operand equal the question's i-th operation,
-  and its result is that arithmetic mod 10. If line i-1 is garbage, there is no written
+* Step i (i < k) is **locally valid** when the line is well formed (``<d><op><d>=<d>``) and
+  is one of the ways the task allows to write the question's i-th operation applied to the
+  previous result *as written by the response* (for step 0: the question's start digit),
+  with that arithmetic's result mod 10 (`accepted_lines`): the oracle's ``<prev><op><b>``;
+  the operands swapped for ``+`` and ``*`` (``5+7=2``); a subtraction as adding the
+  additive inverse, either order (``6-2=4`` as ``6+8=4`` or ``8+6=4``). Another writer's
+  references (`reference_variant`'s ``"reversed_notation"``) are therefore correct steps. If line i-1 is garbage, there is no written
   previous result, so step i is not locally valid either. A chain that slipped can continue
   validly: ``7+5=3`` then ``3*3=9`` has step 1 valid (step 0 is not).
 * ``steps_correct`` counts locally valid lines among the first k positions.
@@ -220,13 +223,20 @@ def _read_response(response: str) -> tuple[list[str], str | None]:
     return steps, None
 
 
+def accepted_lines(prev: int, op: str, b: int) -> frozenset[str]:
+    """Every line the checker takes as step `prev op b` (the module docstring's notations)."""
+    res = apply_op(prev, op, b)
+    if op == "-":
+        inv = (-b) % 10
+        return frozenset({f"{prev}-{b}={res}", f"{prev}+{inv}={res}", f"{inv}+{prev}={res}"})
+    return frozenset({f"{prev}{op}{b}={res}", f"{b}{op}{prev}={res}"})
+
+
 def _step_valid(line: str, expected_left: int | None, op: str, b: int) -> bool:
     """Local validity of one written line (see the module docstring)."""
-    m = _STEP_RE.fullmatch(line)
-    if m is None or expected_left is None:
+    if expected_left is None or _STEP_RE.fullmatch(line) is None:
         return False
-    left, w_op, w_b, res = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-    return left == expected_left and w_op == op and w_b == b and res == apply_op(left, op, b)
+    return line in accepted_lines(expected_left, op, b)
 
 
 def _written_result(line: str) -> int | None:

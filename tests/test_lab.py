@@ -73,6 +73,9 @@ def test_bad_lab_override_is_one_line(small_lab, monkeypatch):
     monkeypatch.setenv("AROPD_MLX_LAB", '{"warm_stepz": 3}')
     result = CliRunner().invoke(app, ["lab", "build"])
     assert result.exit_code == 2 and "AROPD_MLX_LAB" in result.output
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"warm_hint_styles": ["oracle", "sideways"]}')
+    result = CliRunner().invoke(app, ["lab", "build"])
+    assert result.exit_code == 2 and "unknown reference style 'sideways'" in result.output
 
 
 def test_teacher_uses_its_privileged_context(tmp_path):

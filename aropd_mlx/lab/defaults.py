@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aropd_mlx import __version__
 from aropd_mlx.errors import UserError
+from aropd_mlx.lab import task
 from aropd_mlx.lab.tiny import TinySpec
 
 
@@ -121,9 +123,12 @@ def settings_from(values: dict) -> LabSettings:
     values = dict(values)
     if "spec" in values:
         values["spec"] = TinySpec(**values["spec"])
-    for key in ("eval_ks", "warm_view_mix"):
+    for key in ("eval_ks", "warm_view_mix", "warm_hint_styles"):
         if key in values:
             values[key] = tuple(values[key])
+    for style in values.get("warm_hint_styles", ()):  # an unknown style stops here, not mid-build
+        task.reference_variant({"question": "Q:1+2", "solution": "1+2=3", "answer": "3"},
+                               style, random.Random(0))
     return LabSettings(**values)
 
 

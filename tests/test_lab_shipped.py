@@ -191,3 +191,31 @@ def test_a_second_build_of_one_lab_waits_and_builds_nothing(tmp_path, monkeypatc
         fcntl.flock(held, fcntl.LOCK_UN)
     waiter.join(30)
     assert not waiter.is_alive() and result["lab"].model_path == root / "model"
+
+
+def test_student_first_warm_start_trains_the_student_view_on_short_problems_first(tmp_path):
+    """warm_student_steps: a first phase of student-view-only SFT on problems with
+    k <= student_view_k_max, then the mixed warm start; the key of a lab without it is
+    unchanged, and the phase changes the weights."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+
+    base = replace(SMALL, k_max=3, eval_ks=(1, 3), student_view_k_max=1)
+    assert replace(base, warm_student_steps=0).key() == base.key()
+    two = replace(base, warm_student_steps=3)
+    lab = prepare_lab(two, root=tmp_path / "two")
+    lines = (lab.root / "warm_run_student" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and len((lab.root / "warm_run" / "metrics.jsonl").read_text()
+                                   .splitlines()) == base.warm_steps
+    # phase 1 saw the student view of k = 1 problems only: its oracle responses are one step
+    # plus the answer, so every step's mean response length is that of a k = 1 trace
+    from aropd_mlx.lab import task as lab_task
+
+    one_step = len(lab_task.format_response(["1+2=3"], "3")) + 1  # + EOS
+    assert all(json.loads(l)["response_len_max"] <= one_step for l in lines)
+    one = prepare_lab(base, root=tmp_path / "one")
+    a = mx.load(str(lab.model_path / "model.safetensors"))
+    b = mx.load(str(one.model_path / "model.safetensors"))
+    assert any(not np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

@@ -45,6 +45,10 @@ class LabSettings:
     # views' hints in, one drawn per problem: a teacher that also reads another writer's
     # notation (the other-writer setting of `compare`); the response is always the oracle's
     warm_hint_styles: tuple[str, ...] = ("oracle",)
+    # steps of student-view-only SFT (problems with k <= student_view_k_max) before the mixed
+    # warm start: the student learns to chain steps first, and keeps it while the mix then
+    # teaches the privileged views (a mix from the start learns to copy hints instead; LAB.md)
+    warm_student_steps: int = 0
 
     def key(self) -> str:
         values = asdict(self)
@@ -52,6 +56,8 @@ class LabSettings:
             del values["student_view_k_max"]
         if tuple(values["warm_hint_styles"]) == ("oracle",):
             del values["warm_hint_styles"]
+        if not values["warm_student_steps"]:
+            del values["warm_student_steps"]
         blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -108,7 +108,8 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
                 enc.prompts.update({v: hinted.prompts[v] for v in ("partial", "full")
                                     if v in hinted.prompts})
             limit = settings.student_view_k_max
-            if enc is not None and limit and len(task.parse_question(ex.question)[1]) > limit:
+            if (enc is not None and limit and "partial" in enc.prompts
+                    and len(task.parse_question(ex.question)[1]) > limit):
                 enc.prompts["student"] = enc.prompts["partial"]
             return enc
 
@@ -135,9 +136,18 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
         "out": str(root / "warm_run"),
     }
     cfg = load_config(overrides=overrides)
-    shutil.rmtree(cfg.out, ignore_errors=True)  # what an interrupted build left
     model, tokenizer = load_student(cfg.model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
+    if settings.warm_student_steps:  # phase 1: the student view alone, short problems only
+        limit = settings.student_view_k_max or settings.k_max
+        short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
+        first = load_config(overrides={
+            **overrides, "train.steps": settings.warm_student_steps,
+            "train.save_every": settings.warm_student_steps, "train.sft_view_mix": [1.0, 0.0, 0.0],
+            "out": str(root / "warm_run_student")})
+        shutil.rmtree(first.out, ignore_errors=True)  # what an interrupted build left
+        train(first, model, tokenizer, short, teacher=Teacher("frozen"), on_step=on_step)
+    shutil.rmtree(cfg.out, ignore_errors=True)
     train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step,
           encoder=warm_encoder(settings, cfg, tokenizer))
     out = root / "model.tmp"

@@ -210,6 +210,7 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
     mx.random.seed(step_seed(cfg.train.seed, step, dist.rank_salt(world.rank)))  # dropout etc.
     settings = replace(objective_for(cfg), lam=lam_at(cfg, step))
     pad_id = tokenizer.pad_token_id or 0
+    mx.reset_peak_memory()  # peak_memory_gb: this step's own peak (bench creep reads it)
     t0 = time.perf_counter()
     rows, resp = draw_responses(cfg, model, tokenizer, batch, step, world.rank)
     t1 = time.perf_counter()
@@ -245,8 +246,17 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
         "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
         "finished_rate": float(np.mean(resp.finished)), "response_tokens": ntok,
         "tokens_per_s": ntok / max(t3 - t0, 1e-9), "time_rollout": t1 - t0,
-        "time_scoring": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0, **extra,
+        "time_scoring": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
+        **memory_line(), **extra,
     }
+
+
+def memory_line() -> dict:
+    """MLX's memory in GB: the peak since the step's mx.reset_peak_memory, the arrays alive
+    now (weights, adapters, optimizer state...) and the freed buffers MLX keeps cached."""
+    return {"peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "active_memory_gb": mx.get_active_memory() / 1e9,
+            "cache_memory_gb": mx.get_cache_memory() / 1e9}
 
 
 def _append_metrics(path: Path, line: dict) -> None:

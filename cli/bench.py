@@ -7,6 +7,7 @@
     aropd-mlx bench step --quick --device cuda            # MLX's CUDA backend (and TRL on CUDA)
     aropd-mlx bench memory --quick                        # planned vs measured peak per phase
     aropd-mlx bench memory --model qwen2.5-1.5b           # 1.5B shape at 4 layers, extrapolated
+    aropd-mlx bench creep --json /tmp/creep.json          # 300 lab steps: does memory creep?
 Results and goals: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -20,13 +21,13 @@ from aropd_mlx.errors import UserError
 
 from .common import handles_errors, table
 
-CHOICES = ("rollout", "scoring", "step", "objective", "peer", "memory", "all")
+CHOICES = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep", "all")
 MODELS = ("lab", "56m", "qwen2.5-0.5b", "qwen2.5-1.5b")  # the last two: bench memory
 
 
 @handles_errors
 def bench_command(
-    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | memory | all"),
+    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | memory | creep | all"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here (JSON)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke run in seconds."),
     model: Optional[List[str]] = typer.Option(None, "--model",
@@ -46,7 +47,8 @@ def bench_command(
         help="objective: the top-k teacher (objective.teacher_top_k) at these k against the "
              "exact target on the bench models (loss difference, time, memory); repeatable."),
 ):
-    """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer, memory plan."""
+    """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer, memory plan,
+    memory creep over a long lab run."""
     from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
 
     if what not in CHOICES:

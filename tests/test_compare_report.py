@@ -79,29 +79,6 @@ def test_run_metrics_takes_the_largest_k():
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_lab(tmp_path_factory):
-    import os
-
-    from aropd_mlx.lab.setup import LabSettings, prepare_lab
-    from aropd_mlx.lab.tiny import TinySpec
-
-    root = tmp_path_factory.mktemp("lab")
-    old = os.environ.get("AROPD_MLX_CACHE")
-    os.environ["AROPD_MLX_CACHE"] = str(root / "cache")  # nothing may touch the user's cache
-    try:
-        settings = LabSettings(k_min=1, k_max=3, n_train=24, eval_ks=(2, 3), n_eval_per_k=3,
-                               spec=TinySpec(hidden=32, layers=1, heads=2, kv_heads=1,
-                                             intermediate=64, max_position=256),
-                               warm_steps=2, warm_batch=8)
-        yield prepare_lab(settings, root=root / "lab")
-    finally:
-        if old is None:
-            os.environ.pop("AROPD_MLX_CACHE", None)
-        else:
-            os.environ["AROPD_MLX_CACHE"] = old
-
-
 def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
     from aropd_mlx.report import report
 

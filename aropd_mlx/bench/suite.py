@@ -2,12 +2,14 @@
 
     aropd-mlx bench                 # all, default sizes (minutes each on 2 cores)
     aropd-mlx bench scoring --quick --json out.json
+    aropd-mlx bench creep --json /tmp/creep.json   # a 300-step lab run's memory creep
     python -c "from aropd_mlx.bench.suite import run_suite; run_suite(['rollout'], quick=True)"
 
 Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, time split),
 step (full-step MFU on the 56M llama), objective (fused vs naive loss, owned by
 aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds),
-memory (the memory plan's prediction vs the measured peak per phase at Qwen2.5 shapes). Every
+memory (the memory plan's prediction vs the measured peak per phase at Qwen2.5 shapes), creep
+(a 300-step lab run: the step peak over its last 100 steps vs steps 50-100). Every
 ratio is measured inside one run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
 """
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory")
+BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep")
 
 # (model, sizes) per benchmark: the default run and the --quick smoke run
 SIZES = {
@@ -49,6 +51,9 @@ SIZES = {
                          ("qwen2.5-0.5b", dict(layers=2, rows=4, student_prompt=64,
                                                view_prompt=192, response=128, scoring_rows=2,
                                                update_rows=2, checkpoint=True))]},
+    # creep: the highest step peak over the last `late` steps vs over the `early` window
+    "creep": {"default": [("lab", dict(steps=300, early=(50, 100), late=100))],
+              "quick": [("lab", dict(steps=40, early=(10, 20), late=13))]},
 }
 MEMORY_TOLERANCE = 0.15  # the plan within 15% of the measured peak
 
@@ -96,6 +101,12 @@ def goal_rows(bench: str, r: dict) -> list[dict]:
             peak = max(r["measured"].values()) / 1e9
             rows.append({"benchmark": bench, "model": label, "measure": "measured peak (GB)",
                          "result": f"{peak:.2f}", "goal": "<= 6", "met": "yes" if peak <= 6 else "NO"})
+    elif bench == "creep":
+        from aropd_mlx.bench.creep import GOAL
+
+        (a0, a1), (b0, b1) = r["early"]["steps"], r["late"]["steps"]
+        _goal(rows, bench, m, f"peak steps {b0}-{b1} / peak steps {a0}-{a1} ({r['method']})",
+              r["ratio"], f"<= {GOAL:.2f}x", lambda v: v <= GOAL)
     elif bench == "peer":
         if "skipped" in r:
             rows.append({"benchmark": bench, "model": m, "measure": r["skipped"], "result": "-",
@@ -124,6 +135,9 @@ def _runner(bench: str) -> tuple[Callable, Callable]:
     if bench == "peer":
         from aropd_mlx.bench.peer import bench_peer, format_peer
         return bench_peer, format_peer
+    if bench == "creep":
+        from aropd_mlx.bench.creep import bench_creep, format_creep
+        return bench_creep, format_creep
     if bench == "memory":
         from aropd_mlx.bench.memory import bench_memory, format_memory
         return bench_memory, format_memory

@@ -32,7 +32,7 @@ def tiny_lab(tmp_path_factory):
         settings = LabSettings(k_min=1, k_max=3, n_train=24, eval_ks=(2, 3), n_eval_per_k=3,
                                spec=TinySpec(hidden=32, layers=1, heads=2, kv_heads=1,
                                              intermediate=64, max_position=256),
-                               warm_steps=2, warm_batch=8)
+                               warm_steps=2, warm_batch=8, warm_student_steps=0)
         yield prepare_lab(settings, root=root / "lab")
     finally:
         if old is None:

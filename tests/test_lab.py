@@ -8,7 +8,7 @@ from aropd_mlx.cli.main import app
 from aropd_mlx.lab.setup import LabSettings, prepare_lab
 
 SMALL = {"n_train": 64, "k_max": 3, "eval_ks": [2, 3], "n_eval_per_k": 4, "warm_steps": 4,
-         "warm_batch": 8, "spec": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1,
+         "warm_batch": 8, "warm_student_steps": 0, "spec": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1,
                                    "intermediate": 64, "max_position": 256}}
 
 
@@ -88,7 +88,8 @@ def test_teacher_uses_its_privileged_context(tmp_path):
     from aropd_mlx.models import ModelSettings, load_student
 
     settings = LabSettings(n_train=2000, k_max=3, eval_ks=(3,), n_eval_per_k=16, warm_steps=150,
-                           warm_batch=32, warm_view_mix=(0.2, 0.2, 0.6),
+                           warm_batch=32, warm_view_mix=(0.2, 0.2, 0.6), warm_student_steps=0,
+                           warm_hint_styles=("oracle",),
                            spec=TinySpec(hidden=64, layers=2, heads=4, kv_heads=4,
                                          intermediate=128, max_position=256))
     lab = prepare_lab(settings, root=tmp_path / "lab")

@@ -14,7 +14,8 @@ from helpers import lab_examples
 
 SMALL = LabSettings(n_train=64, n_eval_per_k=2, eval_ks=(1, 2), k_max=2,
                     spec=TinySpec(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64),
-                    warm_steps=2, warm_batch=4)
+                    warm_steps=2, warm_batch=4, warm_student_steps=0,
+                    warm_hint_styles=("oracle",))
 
 
 @pytest.fixture

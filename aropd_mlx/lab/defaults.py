@@ -32,8 +32,9 @@ class LabSettings:
     eval_ks: tuple[int, ...] = (2, 4, 6, 8, 10, 12)
     n_eval_per_k: int = 64
     spec: TinySpec = field(default_factory=lambda: TinySpec(
-        hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512))
-    warm_steps: int = 600
+        hidden=128, layers=3, heads=4, kv_heads=4, intermediate=384, max_position=512,
+        rope_theta=100.0))  # base 10,000 left too few short wavelengths to read step i (LAB.md)
+    warm_steps: int = 400
     warm_batch: int = 64
     warm_lr: float = 2e-3
     warm_view_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
@@ -44,11 +45,11 @@ class LabSettings:
     # the reference styles (task.reference_variant) the warm start writes the privileged
     # views' hints in, one drawn per problem: a teacher that also reads another writer's
     # notation (the other-writer setting of `compare`); the response is always the oracle's
-    warm_hint_styles: tuple[str, ...] = ("oracle",)
+    warm_hint_styles: tuple[str, ...] = ("oracle", "reversed_notation")
     # steps of student-view-only SFT (problems with k <= student_view_k_max) before the mixed
     # warm start: the student learns to chain steps first, and keeps it while the mix then
     # teaches the privileged views (a mix from the start learns to copy hints instead; LAB.md)
-    warm_student_steps: int = 0
+    warm_student_steps: int = 300
 
     def key(self) -> str:
         values = asdict(self)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from aropd_mlx.bench import peer, peer_trl
+from aropd_mlx.bench import peer, peer_stats, peer_trl
 
 FAKE_CHILD = textwrap.dedent('''
     import json, os, sys
@@ -82,18 +82,18 @@ def _run(tmp_path, peers, trl_rounds, model_name="lab", **fake_extra):
 
 
 def test_spread_and_verdict_by_hand():
-    s = peer.spread([3.0, 2.5, 3.3])
+    s = peer_stats.spread([3.0, 2.5, 3.3])
     assert s["median"] == 3.0 and s["min"] == 2.5 and s["max"] == 3.3 and s["n"] == 3
     assert s["q1"] == pytest.approx(2.75) and s["q3"] == pytest.approx(3.15)
-    one = peer.spread([1.5])
+    one = peer_stats.spread([1.5])
     assert one["median"] == one["min"] == one["max"] == one["q1"] == one["q3"] == 1.5
-    assert math.isnan(peer.spread([])["median"])
-    assert peer.verdict(1.3, 1.9, 1.2) == "yes"
-    assert peer.verdict(1.2, 1.9, 1.2) == "yes"      # the goal is ">="
-    assert peer.verdict(0.5, 1.1, 1.2) == "NO"
-    assert peer.verdict(1.1, 1.3, 1.2) == "straddles"
-    assert peer.verdict(1.0, 2.0, None) == "-"
-    assert peer.round_ratios([3.0, 5.0], [1.0, 2.0]) == [3.0, 2.5]
+    assert math.isnan(peer_stats.spread([])["median"])
+    assert peer_stats.verdict(1.3, 1.9, 1.2) == "yes"
+    assert peer_stats.verdict(1.2, 1.9, 1.2) == "yes"      # the goal is ">="
+    assert peer_stats.verdict(0.5, 1.1, 1.2) == "NO"
+    assert peer_stats.verdict(1.1, 1.3, 1.2) == "straddles"
+    assert peer_stats.verdict(1.0, 2.0, None) == "-"
+    assert peer_stats.round_ratios([3.0, 5.0], [1.0, 2.0]) == [3.0, 2.5]
 
 
 def test_interleaved_rounds_with_fake_children(tmp_path):

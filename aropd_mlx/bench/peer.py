@@ -19,6 +19,8 @@ and spread. Per TRL configuration: the ratio TRL s/step / ours s/step *within ea
 (ours is N x as fast), over rounds its median and spread. A ratio's verdict against its goal
 is "yes" only when the whole spread (min..max over rounds) clears the goal, "NO" when all of
 it misses, and "straddles" otherwise: the run does not support a claim either way.
+Those statistics are in aropd_mlx.bench.peer_stats, the parent's side of the protocol with the
+children in aropd_mlx.bench.peer_child; this module runs the benchmark and prints it.
 
 Goals: ours >= 1.5x TRL's fastest configuration on the 56m model (>= 1.2x on the lab
 model), and >= 3x TRL GKD with its defaults.
@@ -35,26 +37,17 @@ build) or, with pip unavailable or install=False, skips with a note.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import queue
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from typing import Callable
 
 from aropd_mlx.bench.common import bench_model, median, no_eos
+from aropd_mlx.bench.peer_child import PeerChild, PeerError, child_env, trl_command
+from aropd_mlx.bench.peer_stats import FASTEST, OURS, aggregate, peer_goals
 
 TORCH_PIN = "2.13.0"
 PEERS = ("gkd-default", "gkd-tuned", "distill-default", "distill-tuned")
-OURS = "aropd-mlx opd"
-FASTEST = "trl fastest"
-GOAL_DEFAULTS = 3.0  # ours / TRL GKD defaults
-GOAL_FASTEST = {"56m": 1.5, "lab": 1.2}  # ours / TRL's fastest configuration, per bench model
-PREFIX = "AROPD_PEER_"
 
 
 def _torch_pin() -> str:
@@ -93,81 +86,6 @@ def has_distillation_trainer() -> bool:
         return importlib.util.find_spec("trl.trainer.distillation_trainer") is not None
     except ImportError:
         return False
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def spread(xs) -> dict:
-    """median, min, max and quartiles (q1, q3: inclusive method) of a list of numbers."""
-    xs = sorted(float(x) for x in xs)
-    if not xs:
-        nan = float("nan")
-        return {"median": nan, "min": nan, "max": nan, "q1": nan, "q3": nan, "n": 0}
-    q1, q3 = ((xs[0], xs[0]) if len(xs) == 1 else
-              tuple(statistics.quantiles(xs, n=4, method="inclusive")[i] for i in (0, 2)))
-    return {"median": float(statistics.median(xs)), "min": xs[0], "max": xs[-1],
-            "q1": float(q1), "q3": float(q3), "n": len(xs)}
-
-
-def verdict(lo: float, hi: float, goal: float | None) -> str:
-    """'yes' when the whole spread [lo, hi] clears `goal`, 'NO' when all of it misses,
-    'straddles' when the goal lies inside it (no claim either way); '-' without a goal."""
-    if goal is None:
-        return "-"
-    if lo >= goal:
-        return "yes"
-    if hi < goal:
-        return "NO"
-    return "straddles"
-
-
-def round_ratios(theirs: list[float], ours: list[float]) -> list[float]:
-    """Per-round TRL s/step / ours s/step (ours is that many times as fast)."""
-    return [t / o if o else float("nan") for t, o in zip(theirs, ours)]
-
-
-def peer_goals(model_name: str) -> dict:
-    return {"trl gkd-default": GOAL_DEFAULTS, FASTEST: GOAL_FASTEST.get(model_name, 1.2)}
-
-
-def aggregate(rounds: dict[str, list[dict]], tokens: int, model_name: str,
-              ours: str = OURS) -> dict:
-    """Per side {round_seconds_per_step, seconds_per_step, spread, ...} and per TRL side the
-    ratio over rounds {median, min, max, q1, q3, per_round, goal, verdict}, plus FASTEST: the
-    TRL configuration with the lowest median s/step, judged against the fastest-goal.
-
-    `rounds[name]` is the list of per-round results {"step_seconds": [...],
-    "step_cpu_seconds": [...]} of each side, in round order (ours included)."""
-    runs, ratios = {}, {}
-    for name, rs in rounds.items():
-        per = [median(r["step_seconds"]) for r in rs]
-        cpu = [median(r["step_cpu_seconds"]) for r in rs if r.get("step_cpu_seconds")]
-        s = spread(per)
-        runs[name] = {"round_seconds_per_step": per, "seconds_per_step": s["median"],
-                      "spread": s, "tokens_per_s": tokens / s["median"] if s["median"] else None,
-                      "step_seconds": [t for r in rs for t in r["step_seconds"]],
-                      "step_cpu_seconds": [t for r in rs for t in r.get("step_cpu_seconds", [])],
-                      "round_cpu_seconds_per_step": cpu,
-                      "cpu_seconds_per_step": median(cpu) if cpu else None}
-    goals = peer_goals(model_name)
-    base = runs.get(ours)
-    trl = [n for n in runs if n != ours]
-    for name in trl:
-        r = round_ratios(runs[name]["round_seconds_per_step"], base["round_seconds_per_step"])
-        s = spread(r)
-        goal = goals.get(name)
-        ratios[name] = {**s, "per_round": r, "goal": goal,
-                        "verdict": verdict(s["min"], s["max"], goal)}
-        cpu_t, cpu_o = runs[name]["round_cpu_seconds_per_step"], base["round_cpu_seconds_per_step"]
-        if cpu_t and cpu_o:
-            ratios[name]["cpu_median"] = spread(round_ratios(cpu_t, cpu_o))["median"]
-    if trl:
-        fastest = min(trl, key=lambda n: runs[n]["seconds_per_step"])
-        goal = goals[FASTEST]
-        ratios[FASTEST] = {**ratios[fastest], "config": fastest, "goal": goal,
-                           "verdict": verdict(ratios[fastest]["min"], ratios[fastest]["max"],
-                                              goal)}
-    return {"runs": runs, "ratios": ratios}
 
 
 # ----------------------------------------------------------------------------- the sides
@@ -212,101 +130,6 @@ class Ours:
                 for p in ("rollout", "scoring", "update")}
 
 
-class PeerError(RuntimeError):
-    pass
-
-
-def trl_command(spec: dict) -> list[str]:
-    return [sys.executable, "-m", "aropd_mlx.bench.peer_trl", json.dumps(spec)]
-
-
-class PeerChild:
-    """One child speaking peer_trl's protocol: started (and warmed up) by `start`, then one
-    `run_round()` per round; the child is blocked on stdin between rounds."""
-
-    def __init__(self, name: str, argv: list[str], env: dict | None = None,
-                 start_timeout: float = 1800, round_timeout: float = 1800):
-        self.name, self.argv, self.env = name, argv, env
-        self.start_timeout, self.round_timeout = start_timeout, round_timeout
-        self.lines: queue.Queue = queue.Queue()
-        self.proc = None
-        self.result: dict | None = None
-
-    def start(self) -> None:
-        self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.err, text=True, bufsize=1, env=self.env)
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._expect(("WAIT",), self.start_timeout)
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(PREFIX):
-                self.lines.put(line[len(PREFIX):].rstrip("\n"))
-        self.lines.put(None)  # EOF
-
-    def _expect(self, kinds: tuple[str, ...], timeout: float) -> tuple[str, dict | None]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                self.close(kill=True)
-                raise PeerError(f"no {'/'.join(kinds)} within {timeout:.0f}s") from None
-            if line is None:
-                raise PeerError(self._died())
-            kind, _, payload = line.partition(" ")
-            data = json.loads(payload) if payload else None
-            if kind == "RESULT":
-                self.result = data
-            if kind in kinds:
-                return kind, data
-
-    def _died(self) -> str:
-        rc = self.proc.wait()
-        self.err.seek(0)
-        tail = self.err.read().strip().splitlines()[-3:]
-        return f"exit {rc}: " + (" | ".join(tail) or "(nothing on stderr)")
-
-    def run_round(self) -> dict:
-        try:
-            self.proc.stdin.write("go\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise PeerError(self._died()) from None
-        _, data = self._expect(("ROUND",), self.round_timeout)
-        self._expect(("WAIT", "RESULT"), self.round_timeout)  # idle again before the next side
-        return data
-
-    def finish(self, timeout: float = 120) -> dict | None:
-        """After the last round: the child's RESULT (configuration, completion lengths)."""
-        if self.result is None and self.proc and self.proc.poll() is None:
-            try:
-                self._expect(("RESULT",), timeout)
-            except PeerError:
-                pass
-        self.close()
-        return self.result
-
-    def close(self, kill: bool = False) -> None:
-        if not self.proc:
-            return
-        if self.proc.poll() is None:
-            try:
-                if kill:
-                    self.proc.kill()
-                else:
-                    self.proc.stdin.write("stop\n")
-                    self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def interleave(sides: dict[str, Callable[[], dict]], rounds: int,
                log: Callable[[str], None] | None = None):
     """Run `rounds` rounds; in each, every side's round function in turn (dict order).
@@ -328,13 +151,6 @@ def interleave(sides: dict[str, Callable[[], dict]], rounds: int,
                 f"{n} {median(out[n][-1]['step_seconds']):.3f}s" for n in sides
                 if n not in errors and out[n]))
     return out, errors, order
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)  # torch brings its own BLAS; keep the MLX preload out of it
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
 
 
 def bench_peer(model_name: str = "lab", rows: int = 16, max_new_tokens: int = 80,
@@ -374,7 +190,7 @@ def bench_peer(model_name: str = "lab", rows: int = 16, max_new_tokens: int = 80
             spec = {"trainer": trainer, "mode": mode, "model": path, "rows": rows,
                     "max_new_tokens": max_new_tokens, "seed": seed, "warmup": warmup,
                     "rounds": rounds, "steps_per_round": steps_per_round, "device": device}
-            child = PeerChild(f"trl {name}", child_cmd(spec), _child_env(), timeout, timeout)
+            child = PeerChild(f"trl {name}", child_cmd(spec), child_env(), timeout, timeout)
             if log:
                 log(f"  starting {child.name} (load + {warmup} warm-up step)")
             try:

@@ -7,7 +7,7 @@ the same held-out set with the lab's checker. Seeds change the LoRA init, the pr
 the rollouts. Results: OUT/compare.json and OUT/compare.md (report.md reads them), one full
 run directory per (variant, seed) under OUT/runs/ (`aropd-mlx report` plots them).
 
-    result = compare(CompareSettings(seeds=3, steps=150, out="runs/compare"))
+    result = compare(CompareSettings(seeds=3, steps=100, out="runs/compare"))
     aropd-mlx compare --quick                  # docs/EVALUATION.md gives its cost
 
 A finished (variant, seed) leaves OUT/runs/<variant>/seed<s>/result.json; a rerun with the
@@ -41,7 +41,7 @@ class CompareSettings:
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (fresh seeds: a new check)
-    steps: int = 150
+    steps: int = 100  # the final comparison of docs/LAB.md (full fine-tuning: ~1 s a step)
     lams: tuple[float, ...] = (0.8,)  # AR-OPD lambda; several: one AR-OPD variant each
     partial_ratios: tuple[float, ...] = (0.5,)  # partial view; applies to partial-opd, ar-opd
     pool: int | None = None  # oracle-traced problems to train on (None: the whole lab pool)
@@ -79,8 +79,8 @@ class CompareSettings:
 
 SETTINGS = {"clean": "oracle", "other-writer": "reversed_notation"}  # -> reference style
 
-# From measured step costs (docs/EVALUATION.md "Measured cost"): <= 15 min on 2 idle cores.
-QUICK = {"seeds": 3, "steps": 30}
+# From measured step costs (docs/EVALUATION.md "Measured cost"): <= 8 min on 2 idle cores.
+QUICK = {"seeds": 2, "steps": 30}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`aropd-mlx compare`: base, SFT, OPD, Partial OPD, Full OPD and AR-OPD on the built-in lab.
 
-    aropd-mlx compare --quick                        # 3 seeds x 30 steps (docs/EVALUATION.md)
-    aropd-mlx compare --seeds 3 --steps 150          # the full setting
+    aropd-mlx compare --quick                        # 2 seeds x 30 steps (docs/EVALUATION.md)
+    aropd-mlx compare --seeds 5 --steps 100          # the final comparison of docs/LAB.md
     aropd-mlx compare --lams 0.6,0.8,1.2 --partial-ratios 0.25,0.5 --out runs/sweep
     aropd-mlx compare --methods full-opd,ar-opd --seeds 1 --steps 2   # a smoke run
     aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
@@ -58,11 +58,11 @@ def parse_sets(values: Optional[List[str]]) -> dict:
 @handles_errors
 def compare_command(
     quick: bool = typer.Option(False, "--quick",
-                               help="3 seeds x 30 steps (<= 15 min on 2 idle cores, lab built)."),
+                               help="2 seeds x 30 steps (<= 8 min on 2 idle cores): a smoke test of the pipeline; it ranks no methods."),
     seeds: Optional[int] = typer.Option(None, help="Seeds per trained method (default 3)."),
     first_seed: Optional[int] = typer.Option(None, "--first-seed",
                                              help="First seed (default 0): fresh seeds re-check a result."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps per run (default 150)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per run (default 100)."),
     lams: Optional[List[str]] = typer.Option(None, help="AR-OPD lambda values, e.g. 0.6,0.8,1.2."),
     partial_ratios: Optional[List[str]] = typer.Option(
         None, "--partial-ratios", help="Partial-view ratios for partial-opd and ar-opd, e.g. 0.25,0.5."),

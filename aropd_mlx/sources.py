@@ -243,20 +243,20 @@ def _json_rows(path: Path, shown: str, split: str | None) -> Iterator[tuple[str,
 def _csv_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
     text = _decode(_open_text(path), shown)
     reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as e:
-        raise UserError(f"malformed CSV ({e})", where=f"{shown}:1") from None
-    line = reader.line_num + 1
-    while True:
+
+    def next_cells(line: int) -> list[str] | None:  # None at the end of the file
         try:
-            cells = next(reader)
+            return next(reader)
         except StopIteration:
-            return
+            return None
         except csv.Error as e:
             raise UserError(f"malformed CSV ({e})", where=f"{shown}:{line}") from None
+
+    header = next_cells(1)
+    if header is None:
+        return
+    line = reader.line_num + 1
+    while (cells := next_cells(line)) is not None:
         where, line = f"{shown}:{line}", reader.line_num + 1
         if not any(c.strip() for c in cells):
             continue

@@ -55,6 +55,10 @@ class CompareSettings:
     out: str = "runs/compare"
     reuse: bool = True  # reuse finished (variant, seed) runs with identical settings
 
+    def steps_for(self, method: str) -> int:
+        """Optimizer steps of one method's runs (SFT may have its own)."""
+        return self.sft_steps if method == "sft" and self.sft_steps else self.steps
+
     def validate(self) -> "CompareSettings":
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
@@ -167,7 +171,7 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
     from aropd_mlx.trainer import train
 
     run_dir = Path(settings.out) / "runs" / variant.slug / f"seed{seed}"
-    steps = settings.sft_steps if variant.method == "sft" and settings.sft_steps else settings.steps
+    steps = settings.steps_for(variant.method)
     spec = json.loads(json.dumps({"variant": asdict(variant), "seed": seed, "steps": steps,
                                   "pool": settings.pool, "overrides": settings.overrides,
                                   "dev": settings.dev, "setting": settings.setting,
@@ -289,7 +293,7 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
     t0 = time.perf_counter()
     for i, (v, seed) in enumerate(jobs, 1):
-        steps = settings.sft_steps if v.method == "sft" and settings.sft_steps else settings.steps
+        steps = settings.steps_for(v.method)
         say(f"[{i}/{len(jobs)}] {v.name} seed {seed}: "
             + ("evaluating" if v.method == "base" else f"training {steps} steps"))
         r = run_one(lab, v, seed, settings, data, on_step=_step_reporter(say, steps))

@@ -80,10 +80,10 @@ LAB_TRAIN = {  # the run's settings that do not depend on the lab's build
     "train.method": "ar-opd",
     "train.steps": 100,
     "train.batch_size": 8,
-    "train.learning_rate": 1e-4,
+    "train.learning_rate": 3e-4,  # the dev sweep of docs/LAB.md, session 5 (B0)
     "train.save_every": 50,
     "rollout.group_size": 4,
-    "rollout.temperature": 1.0,  # the paper's; chosen by the dev sweep of docs/LAB.md
+    "rollout.temperature": 1.0,  # the paper's
     "model.fine_tune_type": "full",  # every weight (0.65M); LoRA rank 8 did no better there
     # Every response token in the loss. The paper's skip of 3 drops template tokens of a
     # BPE model; with the lab's characters it dropped the first step's `d?d`, whose

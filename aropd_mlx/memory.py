@@ -31,25 +31,29 @@ Scoring (micro-batch m rows x nv views, b = nv*m sequences, U = nv*ceil(m/G) pro
                                                      (x2 when several micro-batches concatenate)
     KV   = L * 2 * Hkv * E * (U + b) * (P_v + T)
     peak = state + out + KV + max(layer(U, P_v, P_v), layer(b, T, P_v + T)) + b * T * H * E
-    layer(n, q, k) = n * q * F * E + n * nh * q * k * SCORES   one layer's transient forward:
-                     F = 3I + 4H + Hq + 2Hkv per token, the attention scores and softmax
-Update (micro-batch u rows):
-    kept = u * S * L * (K_TOK * E + LORA_TOK + nh * S * SCORES)     (no checkpointing)
-         = u * S * L * H * E + u * S * (K_TOK * E + LORA_TOK + nh * S * SCORES)   (checkpointing:
-           each layer's input, plus one layer recomputed in the backward)
+    layer(n, q, k) = n * q * F * E + n * nh * q * k * FWD_SCORES   one layer's transient forward:
+                     F = 3I + 4H + Hq + 2Hkv per token, the attention scores in flight
+Update (micro-batch u rows). Per layer, what the backward keeps and what it needs in flight:
+    keep = u * S * (K_TOK * E + LORA_TOK + nh * S * KEEP_SCORES)    the forward's saved arrays
+    bwd  = u * S * (2 * (K_TOK * E + LORA_TOK) + nh * S * BWD_SCORES)  one layer back-propagating:
+           its saved arrays, their gradients, the attention's scores, probabilities and theirs
            K_TOK = 2*Hq + 2*Hkv + 5H + 4I elements per token per layer (the inputs of every
            linear, q/k/v for attention, the MLP's gate, up and product); LORA_TOK = 4 bytes *
            (5H + Hq + I) with fp32 adapters on a bf16/fp16 model (each adapted linear keeps
            an fp32 copy of its input), 0 on an fp32 model
+    no checkpointing: kept = L * keep,        in the backward (L - 1) * keep + bwd
+    checkpointing:    kept = u * S * L * H * E (each layer's input),  in the backward kept + bwd
+           (the layer being back-propagated is recomputed from its input)
     loss = C * V * 4 * FUSED_K + u * T * H * (E + 8)   one chunk of rows over V in flight
            (fused.py) + the student's hidden states and their per-row gradients
            (+ 2 * V * H * 4 for a trained tied head: its fp32 accumulators, one per CPU lane)
     peak = state + 2A (the gradient sum and this micro-batch's gradients) + nv*R*T*H*E (the
            teacher's hidden states) + u * S * H * E * 2 (the backward's gradient of one layer)
-           + kept + loss
-The constants (SCORES, FUSED_K, ...) were calibrated once on the CPU backend with
-`aropd-mlx bench memory --quick` (docs/BENCHMARKS.md, "Memory"); the plan is an estimate,
-not a bound. Every term grows with rows and lengths, so the plan is monotone in both.
+           + max(kept + loss: the loss's moment, the backward's moment)
+The bytes per attention score come from the CPU backend, whose attention materializes the
+scores (constants below; docs/BENCHMARKS.md, "Memory"); a fused attention (Metal) keeps
+fewer, so the plan errs on the safe side there. FUSED_K was calibrated with
+`aropd-mlx bench memory --quick`. The plan is an estimate, not a bound. Every term grows with rows and lengths, so the plan is monotone in both.
 
 Choice: scoring takes the largest m whose peak fits; the update, without checkpointing, the
 largest u that fits, else checkpointing and the largest u that fits. A setting the user gave
@@ -66,7 +70,14 @@ from dataclasses import dataclass, replace
 
 from aropd_mlx.errors import UserError
 
-SCORES = 8  # bytes per attention score in flight (scores in E, softmax in fp32, its output)
+# Bytes per attention score (CPU backend: the attention materializes its scores, fp32).
+# Measured on one Qwen2.5-0.5B-shaped layer alone (s = 256..2048): forward 4.3 (one array:
+# the mask and the softmax reuse the scores' buffer), kept for the backward 3.3, in flight
+# while the layer back-propagates 12.4. The whole phases hold more than the layer alone (the
+# incoming gradient, the prefix cache's rows); the values below fit them (BENCHMARKS.md).
+FWD_SCORES = 6
+KEEP_SCORES = 4
+BWD_SCORES = 16
 FUSED_K = 10  # (C, V) fp32 arrays alive in a fused-loss chunk (logits of 3 views, target,
 #               softmaxes, the gradient)
 SAFE_SHARE = 0.7  # default limit: this share of the machine's memory
@@ -201,7 +212,18 @@ class RunShape:
 def _layer(m: ModelShape, n: int, q: int, k: int) -> float:
     """One layer's transient forward over n sequences of q queries against k keys."""
     f = 3 * m.intermediate + 4 * m.hidden + m.hq + 2 * m.hkv
-    return n * q * f * m.dtype_bytes + n * m.heads * q * k * SCORES
+    return n * q * f * m.dtype_bytes + n * m.heads * q * k * FWD_SCORES
+
+
+def layer_update_terms(m: ModelShape, rows: int, length: int, fine_tune: str) -> tuple[float, float]:
+    """(keep, bwd) of one decoder layer in the update (module docstring): what its forward
+    saves for the backward, and what is in flight while it back-propagates."""
+    e, h = m.dtype_bytes, m.hidden
+    k_tok = (2 * m.hq + 2 * m.hkv + 5 * h + 4 * m.intermediate) * e
+    lora_tok = 4 * (5 * h + m.hq + m.intermediate) if fine_tune != "full" and e < 4 else 0
+    per_tok = k_tok + lora_tok
+    return (rows * length * (per_tok + m.heads * length * KEEP_SCORES),
+            rows * length * (2 * per_tok + m.heads * length * BWD_SCORES))
 
 
 def _kv(m: ModelShape, seqs: float, length: int) -> float:
@@ -232,17 +254,21 @@ def predict(m: ModelShape, r: RunShape, scoring_rows: int, update_rows: int,
             _layer(m, u, pv, pv), _layer(m, b, t, pv + t))
     # update
     ub = max(1, min(update_rows or r.rows, r.rows))
-    k_tok = (2 * m.hq + 2 * m.hkv + 5 * h + 4 * m.intermediate) * e
-    lora_tok = 4 * (5 * h + m.hq + m.intermediate) if r.fine_tune != "full" and e < 4 else 0
-    one_layer = ub * s * (k_tok + lora_tok + m.heads * s * SCORES)
-    kept = ub * s * m.layers * h * e + one_layer if checkpoint else m.layers * one_layer
+    keep, bwd = layer_update_terms(m, ub, s, r.fine_tune)
+    if checkpoint:
+        kept = ub * s * m.layers * h * e
+        backward = kept + bwd
+    else:
+        kept = m.layers * keep
+        backward = (m.layers - 1) * keep + bwd
     from aropd_mlx.fused import chunk_rows
 
     c = min(chunk_rows(r.chunk_size, m.vocab), ub * t)
     loss = c * m.vocab * 4 * FUSED_K + ub * t * h * (e + 8)
     if r.fine_tune == "full" and m.tied:
         loss += 2 * m.vocab * h * 4
-    update = state + 2 * a + nv * r.rows * t * h * e + 2 * ub * s * h * e + kept + loss
+    update = state + 2 * a + nv * r.rows * t * h * e + 2 * ub * s * h * e + max(kept + loss,
+                                                                                backward)
     return {"rollout": rollout, "scoring": scoring, "update": update}
 
 

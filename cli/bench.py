@@ -8,6 +8,7 @@
     aropd-mlx bench memory --quick                        # planned vs measured peak per phase
     aropd-mlx bench memory --model qwen2.5-1.5b           # 1.5B shape at 4 layers, extrapolated
     aropd-mlx bench creep --json /tmp/creep.json          # 300 lab steps: does memory creep?
+    aropd-mlx bench plan-cost                             # time of the plan's micro-batches
 Results and goals: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -21,13 +22,15 @@ from aropd_mlx.errors import UserError
 
 from .common import handles_errors, table
 
-CHOICES = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep", "all")
+CHOICES = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep", "plan-cost",
+           "all")
 MODELS = ("lab", "56m", "qwen2.5-0.5b", "qwen2.5-1.5b")  # the last two: bench memory
 
 
 @handles_errors
 def bench_command(
-    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | memory | creep | all"),
+    what: str = typer.Argument("all", help="rollout | scoring | step | objective | peer | memory | creep | "
+                                                 "plan-cost | all"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here (JSON)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke run in seconds."),
     model: Optional[List[str]] = typer.Option(None, "--model",
@@ -48,7 +51,7 @@ def bench_command(
              "exact target on the bench models (loss difference, time, memory); repeatable."),
 ):
     """Benchmarks: rollout speed, AR-OPD vs OPD step, MFU, fused loss, TRL peer, memory plan,
-    memory creep over a long lab run."""
+    memory creep over a long lab run, the time cost of the plan's micro-batches."""
     from aropd_mlx.bench.suite import BENCHMARKS, run_suite, write_json
 
     if what not in CHOICES:

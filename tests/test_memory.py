@@ -169,3 +169,42 @@ def test_a_model_the_plan_cannot_read_keeps_the_configured_settings(tiny_llama):
     plan = plan_for_run(cfg, model, PromptEncoder(cfg, tok), lab_examples(4))
     assert plan.update_rows == 2 and not plan.checkpoint and plan.scoring_rows == 8
     assert plan.line().startswith("memory plan: no prediction for this model")
+
+
+@pytest.mark.parametrize("length", [128, 256])
+def test_one_layers_backward_fits_the_planned_terms(length):
+    """One qwen2 layer with many heads (so the attention scores dominate), float32 on this
+    backend: the peak of its checkpointed backward (recompute + backward, what the plan's
+    `bwd` term stands for) and of its forward lie under the plan's terms, within the margin
+    the whole-step fit added (docs/BENCHMARKS.md: 12.4 vs 16 bytes per score in the backward,
+    4.3 vs 6 in the forward)."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen2
+
+    from aropd_mlx.memory import ModelShape, _layer, layer_update_terms
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=1,
+                           intermediate_size=128, num_attention_heads=16, num_key_value_heads=4,
+                           rms_norm_eps=1e-6, vocab_size=32, tie_word_embeddings=True)
+    layer = qwen2.Model(args).model.layers[0]
+    layer.freeze()
+    mx.eval(layer.parameters())
+    shape = ModelShape(layers=1, hidden=64, heads=16, kv_heads=4, intermediate=128, vocab=32,
+                       tied=True, dtype_bytes=4, attention_bias=True)
+    x = mx.random.normal((2, length, 64))
+    mx.eval(x)
+
+    def peak(fn):
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(fn())
+        return mx.get_peak_memory() - base
+
+    backward = peak(lambda: mx.grad(
+        lambda y: (mx.checkpoint(lambda z: layer(z, "causal", None))(y) ** 2).sum())(x))
+    forward = peak(lambda: layer(x, "causal", None))
+    _, bwd = layer_update_terms(shape, 2, length, "lora")
+    fwd = _layer(shape, 2, length, length)
+    assert 0.6 * bwd <= backward <= 1.05 * bwd
+    assert 0.6 * fwd <= forward <= 1.05 * fwd

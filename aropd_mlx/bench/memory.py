@@ -125,7 +125,9 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
                  memory_limit: str | None = None, seed: int = 0, model_path=None) -> dict:
     """One AR-OPD step at these shapes; per phase the plan's prediction and the measured peak.
     Micro-batches and checkpointing: as given, else the plan's choice under `memory_limit`
-    (default: the plan's default, a share of this machine's memory)."""
+    (default: the plan's default, a share of this machine's memory) for the model at FULL
+    depth, so a cut model measures what the full-depth run would hold per layer and its
+    "at full depth" extrapolation is that run's peak."""
     import gc
 
     import mlx.core as mx
@@ -160,7 +162,13 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     mshape = ModelShape.from_model(model)
     run = RunShape.from_config(cfg, student_prompt, {"partial": view_prompt, "full": view_prompt})
     limit, note = limit_of(cfg)
-    plan = make_plan(mshape, run, cfg.train, limit, note)
+    full = mshape.layers if model_path else SHAPES[model_name]["layers"]
+    # the micro-batches and checkpointing a full-depth run would use under the limit, so the
+    # extrapolation below is the peak of that run; the cut model's measurement is checked
+    # against its own prediction at the same settings
+    chosen = make_plan(replace(mshape, layers=full), run, cfg.train, limit, note)
+    plan = replace(chosen, phases=predict(mshape, run, chosen.scoring_rows, chosen.update_rows,
+                                          chosen.checkpoint))
     cfg = plan.apply(cfg)
     n = cfg.train.batch_size * group
     rng = np.random.default_rng(seed)
@@ -204,7 +212,6 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     _, measured["update"], seconds["update"] = _measure(lambda: update(scored))
     measured = {k: v - other for k, v in measured.items()}
     optimizer.__dict__.pop("_aropd_step", None)  # the compiled step holds the model: free it now
-    full = mshape.layers if model_path else SHAPES[model_name]["layers"]
     at_full = predict(replace(mshape, layers=full), run, plan.scoring_rows, plan.update_rows,
                       plan.checkpoint)
     return {"model": Path(model_path).name if model_path else model_name, "layers": mshape.layers, "full_layers": full, "dtype": dtype, "fine_tune": fine_tune,

@@ -9,7 +9,8 @@ Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, tim
 step (full-step MFU on the 56M llama), objective (fused vs naive loss, owned by
 aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds),
 memory (the memory plan's prediction vs the measured peak per phase at Qwen2.5 shapes), creep
-(a 300-step lab run: the step peak over its last 100 steps vs steps 50-100). Every
+(a 300-step lab run: the step peak over its last 100 steps vs steps 50-100), plan-cost (the
+step's time at the memory plan's micro-batches and checkpointing vs unconstrained). Every
 ratio is measured inside one run, side by side; absolute seconds depend on the machine and its load (recorded in the JSON).
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep")
+BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep", "plan-cost")
 
 # (model, sizes) per benchmark: the default run and the --quick smoke run
 SIZES = {
@@ -54,6 +55,9 @@ SIZES = {
     # creep: the highest step peak over the last `late` steps vs over the `early` window
     "creep": {"default": [("lab", dict(steps=300, early=(50, 100), late=100))],
               "quick": [("lab", dict(steps=40, early=(10, 20), late=13))]},
+    # plan-cost: unconstrained vs the plan under 60% of its peak and under the tightest limit
+    "plan-cost": {"default": [("56m", dict(batch=4, group=2, max_new_tokens=128, repeats=3))],
+                  "quick": [("lab", dict(batch=2, group=2, max_new_tokens=16, repeats=1))]},
 }
 MEMORY_TOLERANCE = 0.15  # the plan within 15% of the measured peak
 
@@ -107,6 +111,14 @@ def goal_rows(bench: str, r: dict) -> list[dict]:
         (a0, a1), (b0, b1) = r["early"]["steps"], r["late"]["steps"]
         _goal(rows, bench, m, f"peak steps {b0}-{b1} / peak steps {a0}-{a1} ({r['method']})",
               r["ratio"], f"<= {GOAL:.2f}x", lambda v: v <= GOAL)
+    elif bench == "plan-cost":
+        from aropd_mlx.bench.plan_cost import GOAL
+
+        for side in ("planned", "tightest"):
+            q = r["sides"][side]
+            _goal(rows, bench, m, f"step time, {side} limit (scoring {q['scoring_rows']}, update "
+                  f"{q['update_rows']}, ckpt {'on' if q['checkpoint'] else 'off'}) / unconstrained",
+                  q["step_ratio"], f"<= {GOAL}x", lambda v: v <= GOAL)
     elif bench == "peer":
         if "skipped" in r:
             rows.append({"benchmark": bench, "model": m, "measure": r["skipped"], "result": "-",
@@ -141,6 +153,9 @@ def _runner(bench: str) -> tuple[Callable, Callable]:
     if bench == "memory":
         from aropd_mlx.bench.memory import bench_memory, format_memory
         return bench_memory, format_memory
+    if bench == "plan-cost":
+        from aropd_mlx.bench.plan_cost import bench_plan_cost, format_plan_cost
+        return bench_plan_cost, format_plan_cost
     try:
         from aropd_mlx.bench.objective import bench_objective, format_objective_bench
     except ImportError as e:

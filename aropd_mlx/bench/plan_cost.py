@@ -15,11 +15,8 @@ Goal (issue 15): the step at the plan's settings within 1.3x of the unconstraine
 
 from __future__ import annotations
 
-import time
-
-from aropd_mlx.bench.common import median, no_eos, ratio
-from aropd_mlx.bench.step import replayed_rollouts, setup_run
-from aropd_mlx.optimizer import make_optimizer
+from aropd_mlx.bench.common import median, ratio
+from aropd_mlx.bench.step import interleaved_steps, setup_run
 
 GOAL = 1.3
 SIDES = ("unconstrained", "planned", "tightest")
@@ -57,10 +54,8 @@ def side_settings(shape, run, train, share: float) -> dict:
 def bench_plan_cost(model_name: str = "56m", batch: int = 4, group: int = 2,
                     max_new_tokens: int = 128, repeats: int = 3, share: float = 0.6,
                     fine_tune: str = "lora", seed: int = 0, model_path=None) -> dict:
-    from aropd_mlx import trainer as tr
     from aropd_mlx.config import with_overrides
     from aropd_mlx.memory import ModelShape
-    from aropd_mlx.rollout import sample
 
     cfg, model, tok, teacher, encoded = setup_run(
         model_name, "ar-opd", batch=batch, group=group, max_new_tokens=max_new_tokens,
@@ -71,23 +66,8 @@ def bench_plan_cost(model_name: str = "56m", batch: int = 4, group: int = 2,
                                              "micro_batch_size": s["update_rows"],
                                              "grad_checkpoint": s["checkpoint"]})
             for name, s in sides.items()}
-    optims = {}
-    for name, c in cfgs.items():
-        optims[name] = make_optimizer(c)
-        optims[name].init(model.trainable_parameters())
-    prompts = [e.prompts["student"] for e in encoded]
-    lines = {name: [] for name in cfgs}
-    rollout_times = []
-    with no_eos(tok):
-        responses = sample(model, tok, prompts, cfg.rollout, seed=seed)
-        with replayed_rollouts(responses):
-            for _ in range(repeats + 1):  # round 0 warms up (compiles) and is dropped
-                t0 = time.perf_counter()
-                sample(model, tok, prompts, cfg.rollout, seed=seed)  # the real one: timed
-                rollout_times.append(time.perf_counter() - t0)
-                for name in cfgs:
-                    lines[name].append(tr.run_step(cfgs[name], model, tok, optims[name],
-                                                   teacher, encoded, len(lines[name])))
+    lines, rollout_times, _ = interleaved_steps(cfgs, model, tok, teacher, encoded, repeats,
+                                                seed)
     rollout_s = median(rollout_times[1:])
     result = {"model": model_name, "rows": batch * group, "max_new_tokens": max_new_tokens,
               "fine_tune": fine_tune, "repeats": repeats, "share": share,

@@ -78,41 +78,46 @@ def replayed_rollouts(responses):
                            "aropd_mlx.bench.step.replayed_rollouts")
 
 
+def interleaved_steps(cfgs: dict, model, tok, teacher, encoded, repeats: int, seed: int = 0):
+    """Each config's `trainer.run_step` on one rollout drawn once and replayed, in turn, round
+    after round; the rollout itself is timed in each round. Round 0 warms up (compiles): the
+    caller drops it. Returns ({name: [metrics line per round]}, [rollout s per round],
+    the replayed responses)."""
+    from aropd_mlx import trainer as tr
+    from aropd_mlx.rollout import sample
+
+    optims = {}
+    for name, c in cfgs.items():
+        optims[name] = make_optimizer(c)
+        optims[name].init(model.trainable_parameters())
+    first = next(iter(cfgs.values()))
+    prompts = [e.prompts["student"] for e in encoded]
+    lines = {name: [] for name in cfgs}
+    rollout_times = []
+    with no_eos(tok):
+        responses = sample(model, tok, prompts, first.rollout, seed=seed)
+        with replayed_rollouts(responses):
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                sample(model, tok, prompts, first.rollout, seed=seed)  # the real one: timed
+                rollout_times.append(time.perf_counter() - t0)
+                for name in cfgs:
+                    lines[name].append(tr.run_step(cfgs[name], model, tok, optims[name],
+                                                   teacher, encoded, len(lines[name])))
+    return lines, rollout_times, responses
+
+
 def bench_step(model_name: str = "lab", batch: int = 8, group: int = 4, max_new_tokens: int = 80,
                repeats: int = 3, fine_tune: str = "lora", seed: int = 0, model_path=None) -> dict:
     """AR-OPD vs OPD step on one replayed rollout: median seconds per phase, and ratios."""
-    from aropd_mlx import trainer as tr
     from aropd_mlx.config import with_overrides
-    from aropd_mlx.rollout import sample
 
     cfg, model, tok, teacher, encoded = setup_run(
         model_name, "ar-opd", batch=batch, group=group, max_new_tokens=max_new_tokens,
         fine_tune=fine_tune, seed=seed, model_path=model_path)
     cfgs = {"ar-opd": cfg, "opd": with_overrides(cfg, train={"method": "opd"})}
-    optims = {}
-    for name, c in cfgs.items():
-        optims[name] = make_optimizer(c)
-        optims[name].init(model.trainable_parameters())
-    prompts = [e.prompts["student"] for e in encoded]
-    lines = {name: [] for name in cfgs}
-    rollout_times = []
-    with no_eos(tok):
-        responses = sample(model, tok, prompts, cfg.rollout, seed=seed)
-
-        def rollout():
-            t0 = time.perf_counter()
-            sample(model, tok, prompts, cfg.rollout, seed=seed)
-            rollout_times.append(time.perf_counter() - t0)
-
-        def step(name):
-            lines[name].append(tr.run_step(cfgs[name], model, tok, optims[name], teacher,
-                                           encoded, len(lines[name])))
-
-        with replayed_rollouts(responses):
-            for i in range(repeats + 1):  # round 0 warms up (compiles) and is dropped
-                rollout()
-                step("ar-opd")
-                step("opd")
+    lines, rollout_times, responses = interleaved_steps(cfgs, model, tok, teacher, encoded,
+                                                        repeats, seed)
     result = {"model": model_name, "rows": batch * group, "max_new_tokens": max_new_tokens,
               "fine_tune": fine_tune, "repeats": repeats,
               "rollout_seconds": median(rollout_times[1:])}

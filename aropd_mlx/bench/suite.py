@@ -44,7 +44,12 @@ SIZES = {
              "quick": [("lab", dict(rows=2, max_new_tokens=8, rounds=2, steps_per_round=1))]},
     # memory: real per-row shapes (prompt 256, views 768, rollouts 1024, G = 4, LoRA r16);
     # 0.5B at 4 layers and full depth (the per-layer check), 1.5B at 4 layers, extrapolated
+    # (the plan chooses for the model at full depth; full fine-tuning in fp32 fits no 6 GB plan
+    # at full depth, so its settings are given)
     "memory": {"default": [("qwen2.5-0.5b", dict(layers=4, memory_limit="6GB")),
+                           ("qwen2.5-0.5b", dict(layers=4, response=512, memory_limit="6GB")),
+                           ("qwen2.5-0.5b", dict(layers=4, fine_tune="full", scoring_rows=8,
+                                                 update_rows=2, checkpoint=False)),
                            ("qwen2.5-0.5b", dict(layers=None, memory_limit="6GB")),
                            ("qwen2.5-1.5b", dict(layers=4, memory_limit="12GB"))],
                "quick": [("qwen2.5-0.5b", dict(layers=2, rows=4, student_prompt=64,
@@ -230,9 +235,9 @@ def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None
             echo(fmt(result))
             key = bench + (f"/{model}" if model else "")
             if bench == "memory":  # one model at several depths and settings
-                key += f"/{result['layers']}L/" + ("planned" if "scoring_rows" not in kwargs
-                                                   else f"s{result['scoring_rows']}u"
-                                                   f"{result['update_rows']}")
+                key += (f"/{result['layers']}L/T{result['response']}/{result['fine_tune']}/"
+                        + ("planned" if "scoring_rows" not in kwargs else
+                           f"s{result['scoring_rows']}u{result['update_rows']}"))
             out["results"][key] = result
             out["table"].extend(goal_rows(bench, {**result, "model": model}))
     if hasattr(os, "getloadavg"):

@@ -35,8 +35,9 @@ Scoring (micro-batch m rows x nv views, b = nv*m sequences, U = nv*ceil(m/G) pro
                      F = 3I + 4H + Hq + 2Hkv per token, the attention scores in flight
 Update (micro-batch u rows). Per layer, what the backward keeps and what it needs in flight:
     keep = u * S * (K_TOK * E + LORA_TOK + nh * S * KEEP_SCORES)    the forward's saved arrays
-    bwd  = u * S * (2 * (K_TOK * E + LORA_TOK) + nh * S * BWD_SCORES)  one layer back-propagating:
-           its saved arrays, their gradients, the attention's scores, probabilities and theirs
+    bwd  = u * S * (BWD_TOKEN * (K_TOK * E + LORA_TOK) + nh * S * BWD_SCORES)  one layer
+           back-propagating: its saved arrays, their gradients, the attention's scores,
+           probabilities and theirs
            K_TOK = 2*Hq + 2*Hkv + 5H + 4I elements per token per layer (the inputs of every
            linear, q/k/v for attention, the MLP's gate, up and product); LORA_TOK = 4 bytes *
            (5H + Hq + I) with fp32 adapters on a bf16/fp16 model (each adapted linear keeps
@@ -73,11 +74,14 @@ from aropd_mlx.errors import UserError
 # Bytes per attention score (CPU backend: the attention materializes its scores, fp32).
 # Measured on one Qwen2.5-0.5B-shaped layer alone (s = 256..2048): forward 4.3 (one array:
 # the mask and the softmax reuse the scores' buffer), kept for the backward 3.3, in flight
-# while the layer back-propagates 12.4. The whole phases hold more than the layer alone (the
-# incoming gradient, the prefix cache's rows); the values below fit them (BENCHMARKS.md).
+# while the layer back-propagates 12.4 (with 2x the per-token arrays: each and its
+# gradient). Whole phases hold more than a layer alone (the incoming gradients, LoRA's
+# input gradients, the prefix cache's rows); the values below fit twelve whole-phase
+# measurements at Qwen2.5 shapes within 0.87-1.09 (docs/BENCHMARKS.md, "Memory").
 FWD_SCORES = 6
 KEEP_SCORES = 4
-BWD_SCORES = 16
+BWD_SCORES = 10
+BWD_TOKEN = 3  # the per-token arrays of one layer in flight in its backward, in K_TOK units
 FUSED_K = 10  # (C, V) fp32 arrays alive in a fused-loss chunk (logits of 3 views, target,
 #               softmaxes, the gradient)
 SAFE_SHARE = 0.7  # default limit: this share of the machine's memory
@@ -223,7 +227,7 @@ def layer_update_terms(m: ModelShape, rows: int, length: int, fine_tune: str) ->
     lora_tok = 4 * (5 * h + m.hq + m.intermediate) if fine_tune != "full" and e < 4 else 0
     per_tok = k_tok + lora_tok
     return (rows * length * (per_tok + m.heads * length * KEEP_SCORES),
-            rows * length * (2 * per_tok + m.heads * length * BWD_SCORES))
+            rows * length * (BWD_TOKEN * per_tok + m.heads * length * BWD_SCORES))
 
 
 def _kv(m: ModelShape, seqs: float, length: int) -> float:

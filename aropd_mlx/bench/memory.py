@@ -136,7 +136,8 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     from aropd_mlx.batches import Encoded
     from aropd_mlx.config import load_config
     from aropd_mlx.head import head_from_model
-    from aropd_mlx.memory import ModelShape, RunShape, make_plan, memory_limit as limit_of, predict
+    from aropd_mlx.memory import (MemoryPlan, ModelShape, RunShape, make_plan,
+                                  memory_limit as limit_of, predict)
     from aropd_mlx.models import Teacher, load_student
     from aropd_mlx.optimizer import make_optimizer
     from aropd_mlx.prefix import dedupe, expand, prefill
@@ -166,9 +167,14 @@ def bench_memory(model_name: str = "qwen2.5-0.5b", layers: int | None = 4, rows:
     # the micro-batches and checkpointing a full-depth run would use under the limit, so the
     # extrapolation below is the peak of that run; the cut model's measurement is checked
     # against its own prediction at the same settings
-    chosen = make_plan(replace(mshape, layers=full), run, cfg.train, limit, note)
-    plan = replace(chosen, phases=predict(mshape, run, chosen.scoring_rows, chosen.update_rows,
-                                          chosen.checkpoint))
+    if None in (scoring_rows, update_rows, checkpoint):
+        chosen = make_plan(replace(mshape, layers=full), run, cfg.train, limit, note)
+        plan = replace(chosen, phases=predict(mshape, run, chosen.scoring_rows,
+                                              chosen.update_rows, chosen.checkpoint))
+    else:  # nothing to choose (and no limit to check): the prediction at these settings
+        plan = MemoryPlan(limit, note, scoring_rows, update_rows, checkpoint,
+                          predict(mshape, run, scoring_rows, update_rows, checkpoint), run.rows,
+                          ("all settings given",))
     cfg = plan.apply(cfg)
     n = cfg.train.batch_size * group
     rng = np.random.default_rng(seed)

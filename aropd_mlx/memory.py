@@ -77,10 +77,11 @@ from aropd_mlx.errors import UserError
 # while the layer back-propagates 12.4 (with 2x the per-token arrays: each and its
 # gradient). Whole phases hold more than a layer alone (the incoming gradients, LoRA's
 # input gradients, the prefix cache's rows); the values below fit twelve whole-phase
-# measurements at Qwen2.5 shapes within 0.87-1.09 (docs/BENCHMARKS.md, "Memory").
+# measurements at Qwen2.5 shapes within 0.84-1.06 (docs/BENCHMARKS.md, "Memory"); the
+# per-score and per-token values are at least the lone layer's, so the plan errs safe.
 FWD_SCORES = 6
 KEEP_SCORES = 4
-BWD_SCORES = 10
+BWD_SCORES = 12.5
 BWD_TOKEN = 3  # the per-token arrays of one layer in flight in its backward, in K_TOK units
 FUSED_K = 10  # (C, V) fp32 arrays alive in a fused-loss chunk (logits of 3 views, target,
 #               softmaxes, the gradient)

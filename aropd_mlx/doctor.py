@@ -32,6 +32,24 @@ def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / statistics.median(times) / 1e9
 
 
+def memory_bandwidth_gbs(n: int = 8192, repeats: int = 5) -> float:
+    """Median measured read bandwidth (GB/s) of a float32 matrix-vector product on MLX's
+    default device: an n x n matrix (256 MB at n = 8192, far past any cache) read once per
+    product, the way a decode step reads the weights (memory-bound, through the same BLAS)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), dtype=mx.float32)
+    x = mx.random.normal((n, 1), dtype=mx.float32)
+    mx.eval(a, x)
+    mx.eval(a @ x)  # warm-up
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        mx.eval(a @ x)
+        times.append(time.perf_counter() - t0)
+    return 4.0 * n * n / statistics.median(times) / 1e9
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -73,6 +91,7 @@ def doctor_info(bench: bool = True) -> dict:
         "memory_total_gb": None,
         "blas": None,
         "gemm_gflops": None,
+        "bandwidth_gbs": None,
         "blas_fix": blas_fix_status(),
         "torch": None,
         "torch_cuda": None,
@@ -100,6 +119,7 @@ def doctor_info(bench: bool = True) -> dict:
         info["blas"] = loaded_blas()
         if bench:
             info["gemm_gflops"] = round(gemm_gflops(), 1)
+            info["bandwidth_gbs"] = round(memory_bandwidth_gbs(), 1)
     except ImportError as exc:
         info["backend"] = f"mlx not importable: {exc}"
     try:
@@ -116,6 +136,7 @@ _LABELS = {
     "python": "Python", "platform": "Platform", "mlx": "mlx", "mlx_lm": "mlx-lm",
     "backend": "Backend", "device": "Device", "memory_total_gb": "Memory (GB)",
     "blas": "BLAS in use", "gemm_gflops": "GEMM f32 1024³ (GFLOP/s)",
+    "bandwidth_gbs": "read bandwidth, f32 GEMV 8192² (GB/s)",
     "blas_fix": "BLAS fix", "torch": "torch", "torch_cuda": "torch CUDA",
     "transformers": "transformers",
 }

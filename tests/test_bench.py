@@ -74,9 +74,25 @@ def test_mfu_bench(tiny_llama):
     from aropd_mlx.bench.step import bench_mfu, format_mfu
 
     r = bench_mfu(batch=2, group=1, max_new_tokens=4, steps=1, model_path=tiny_llama,
-                  peak_gflops=100.0)
+                  peak_gflops=100.0, bandwidth_gbs=10.0)
     _finite_positive(r["mfu"], r["step_gflop"], r["rollout_gflops"], r["update_gflops"])
     assert "MFU" in format_mfu(r)
+    # the decode steps' limit: every matmul weight (fp32) read once per step at 10 GB/s
+    limit = 4 * 4 * r["params_matmul"] / 1e9 / 10.0
+    assert abs(r["rollout_bandwidth_limit_seconds"] - limit) < 1e-12
+    assert abs(r["rollout_bandwidth_share"] - limit / r["rollout_seconds"]) < 1e-12
+    from aropd_mlx.bench.suite import goal_rows
+
+    rows = goal_rows("step", {**r, "model": "tiny"})
+    assert [row["goal"] for row in rows] == [">= 50%", ">= 50%", ">= 50%", ">= 35%"]
+    assert rows[2]["result"] == f"{100 * r['rollout_bandwidth_share']:.1f}%"
+
+
+def test_memory_bandwidth_is_measured():
+    from aropd_mlx.doctor import memory_bandwidth_gbs
+
+    bw = memory_bandwidth_gbs(n=1024, repeats=2)
+    assert 0.1 < bw < 10_000  # GB/s: a real number, neither zero nor absurd
 
 
 def test_step_flops_formula():

@@ -181,15 +181,18 @@ def test_doctor_info_keys_and_format():
     assert keys <= set(info)
     assert info["mlx"] and info["backend"] in ("Metal", "CUDA", "CPU")
     assert info["memory_total_gb"] and info["memory_total_gb"] > 0
-    assert info["gemm_gflops"] is None
+    assert info["gemm_gflops"] is None and info["bandwidth_gbs"] is None
     text = doctor.format_doctor(info)
     assert len(text.splitlines()) == len(info)
     assert "BLAS in use" in text and "mlx-lm" in text
 
 
-def test_doctor_info_measures_gemm(monkeypatch):
+def test_doctor_info_measures_gemm_and_bandwidth(monkeypatch):
     monkeypatch.setattr(doctor, "gemm_gflops", lambda *a, **k: 12.5)
-    assert doctor.doctor_info()["gemm_gflops"] == 12.5
+    monkeypatch.setattr(doctor, "memory_bandwidth_gbs", lambda *a, **k: 7.5)
+    info = doctor.doctor_info()
+    assert (info["gemm_gflops"], info["bandwidth_gbs"]) == (12.5, 7.5)
+    assert "read bandwidth" in doctor.format_doctor(info)
 
 
 CMEEL = plat._cmeel_openblas() if LINUX else None

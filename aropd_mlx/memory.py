@@ -54,7 +54,8 @@ Update (micro-batch u rows). Per layer, what the backward keeps and what it need
 The bytes per attention score come from the CPU backend, whose attention materializes the
 scores (constants below; docs/BENCHMARKS.md, "Memory"); a fused attention (Metal) keeps
 fewer, so the plan errs on the safe side there. FUSED_K was calibrated with
-`aropd-mlx bench memory --quick`. The plan is an estimate, not a bound. Every term grows with rows and lengths, so the plan is monotone in both.
+`aropd-mlx bench memory --quick`. The plan is an estimate, not a bound. Every term grows with
+rows and lengths, so the plan is monotone in both.
 
 Choice: scoring takes the largest m whose peak fits; the update, without checkpointing, the
 largest u that fits, else checkpointing and the largest u that fits. A setting the user gave
@@ -77,7 +78,7 @@ from aropd_mlx.errors import UserError
 # while the layer back-propagates 12.4 (with 2x the per-token arrays: each and its
 # gradient). Whole phases hold more than a layer alone (the incoming gradients, LoRA's
 # input gradients, the prefix cache's rows); the values below fit twelve whole-phase
-# measurements at Qwen2.5 shapes within 0.84-1.06 (docs/BENCHMARKS.md, "Memory"); the
+# measurements at Qwen2.5 shapes within 0.83-1.05 (docs/BENCHMARKS.md, "Memory"); the
 # per-score and per-token values are at least the lone layer's, so the plan errs safe.
 FWD_SCORES = 6
 KEEP_SCORES = 4

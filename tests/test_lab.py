@@ -129,3 +129,21 @@ def test_the_lab_preset_has_one_source():
     for key in ("max_prompt_tokens", "max_new_tokens", "rollout.", "views.privileged_template"):
         assert key not in source, key
     assert not re.search(r"\bclass LabSettings\b", source)
+
+
+def test_the_lab_loss_covers_the_first_step(tmp_path):
+    """With character tokens, the response's first tokens are the first step's operands and
+    operator: the lab's loss mask keeps them (a skip of 3 let the operator drift), while the
+    general default still skips the paper's 3 template tokens."""
+    import mlx.core as mx
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import lab_preset
+    from aropd_mlx.lab.setup import Lab
+    from aropd_mlx.objective import response_mask
+
+    cfg = load_config(base=lab_preset(Lab(LabSettings(), tmp_path)))
+    mask = mx.array([[1, 1, 1, 1, 1, 0]])
+    assert response_mask(mask, cfg.objective.skip_first_tokens).tolist() == [[True] * 5 + [False]]
+    assert response_mask(mask, load_config().objective.skip_first_tokens).tolist() == \
+        [[False, False, False, True, True, False]]

@@ -16,6 +16,19 @@ from importlib import metadata
 from aropd_mlx.platform import blas_fix_status, loaded_blas
 
 
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of mx.eval(fn()) after one warm-up call."""
+    import mlx.core as mx
+
+    mx.eval(fn())
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
     """Median measured float32 GEMM speed (GFLOP/s) of MLX's default device, n x n x n."""
     import mlx.core as mx
@@ -23,13 +36,7 @@ def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
     a = mx.random.normal((n, n), dtype=mx.float32)
     b = mx.random.normal((n, n), dtype=mx.float32)
     mx.eval(a, b)
-    mx.eval(a @ b)  # warm-up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        mx.eval(a @ b)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / statistics.median(times) / 1e9
+    return 2.0 * n**3 / _median_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def memory_bandwidth_gbs(n: int = 8192, repeats: int = 5) -> float:
@@ -41,13 +48,7 @@ def memory_bandwidth_gbs(n: int = 8192, repeats: int = 5) -> float:
     a = mx.random.normal((n, n), dtype=mx.float32)
     x = mx.random.normal((n, 1), dtype=mx.float32)
     mx.eval(a, x)
-    mx.eval(a @ x)  # warm-up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        mx.eval(a @ x)
-        times.append(time.perf_counter() - t0)
-    return 4.0 * n * n / statistics.median(times) / 1e9
+    return 4.0 * n * n / _median_seconds(lambda: a @ x, repeats) / 1e9
 
 
 def _version(dist: str) -> str | None:

@@ -422,8 +422,9 @@ def prompt_lengths(cfg, encoder, examples, views, sample: int = 256) -> dict[str
     return longest
 
 
-def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
-    """The plan of a training run: the loaded model's shape, the data's prompt lengths."""
+def run_shape(cfg, encoder, examples) -> RunShape:
+    """The step's shapes for this config and data: its longest prompt per view (an encoder
+    turns an example into its encoded prompts; already encoded ones pass `lambda e: e`)."""
     from aropd_mlx.views import METHOD_VIEWS
 
     views = METHOD_VIEWS[cfg.train.method]
@@ -433,6 +434,12 @@ def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
     if cfg.train.method == "sft":  # its prompts may be any encoded view, its responses oracles
         run = replace(run, student_prompt=max(lengths[v] for v in encoded),
                       response=lengths.get("oracle", run.response))
+    return run
+
+
+def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
+    """The plan of a training run: the loaded model's shape, the data's prompt lengths."""
+    run = run_shape(cfg, encoder, examples)
     limit, note = memory_limit(cfg)
     try:
         shape = ModelShape.from_model(model)

@@ -176,8 +176,8 @@ def test_one_layers_backward_fits_the_planned_terms(length):
     """One qwen2 layer with many heads (so the attention scores dominate), float32 on this
     backend: the peak of its checkpointed backward (recompute + backward, what the plan's
     `bwd` term stands for) and of its forward lie under the plan's terms, within the margin
-    the whole-step fit added (docs/BENCHMARKS.md: 12.4 vs 16 bytes per score in the backward,
-    4.3 vs 6 in the forward)."""
+    the whole-step fit added (docs/BENCHMARKS.md: measured 12.4 bytes per score and 2 per-token
+    units in the backward against the plan's 12.5 and 3; 4.3 against 6 in the forward)."""
     import mlx.core as mx
     from mlx_lm.models import qwen2
 

@@ -22,15 +22,6 @@ GOAL = 1.3
 SIDES = ("unconstrained", "planned", "tightest")
 
 
-def _run_shape(cfg, encoded):
-    from aropd_mlx.memory import RunShape
-    from aropd_mlx.views import METHOD_VIEWS
-
-    views = METHOD_VIEWS[cfg.train.method]
-    return RunShape.from_config(cfg, max(len(e.prompts["student"]) for e in encoded),
-                                {v: max(len(e.prompts[v]) for e in encoded) for v in views})
-
-
 def side_settings(shape, run, train, share: float) -> dict:
     """The three sides' (scoring rows, update rows, checkpointing), plans and predicted peaks."""
     from dataclasses import replace
@@ -55,13 +46,13 @@ def bench_plan_cost(model_name: str = "56m", batch: int = 4, group: int = 2,
                     max_new_tokens: int = 128, repeats: int = 3, share: float = 0.6,
                     fine_tune: str = "lora", seed: int = 0, model_path=None) -> dict:
     from aropd_mlx.config import with_overrides
-    from aropd_mlx.memory import ModelShape
+    from aropd_mlx.memory import ModelShape, run_shape
 
     cfg, model, tok, teacher, encoded = setup_run(
         model_name, "ar-opd", batch=batch, group=group, max_new_tokens=max_new_tokens,
         fine_tune=fine_tune, seed=seed, model_path=model_path)
-    sides = side_settings(ModelShape.from_model(model), _run_shape(cfg, encoded), cfg.train,
-                          share)
+    sides = side_settings(ModelShape.from_model(model), run_shape(cfg, lambda e: e, encoded),
+                          cfg.train, share)
     cfgs = {name: with_overrides(cfg, train={"scoring_micro_batch": s["scoring_rows"],
                                              "micro_batch_size": s["update_rows"],
                                              "grad_checkpoint": s["checkpoint"]})

@@ -6,8 +6,8 @@
     python -c "from aropd_mlx.bench.suite import run_suite; run_suite(['rollout'], quick=True)"
 
 Names: rollout (sample vs batch_generate), scoring (AR-OPD step vs OPD step, time split),
-step (full-step MFU on the 56M llama, the rollout against memory bandwidth), objective (fused vs naive loss, owned by
-aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds),
+step (full-step MFU on the 56M llama, the rollout against memory bandwidth), objective
+(fused vs naive loss, owned by aropd_mlx.bench.objective), peer (opd vs TRL on torch, CPU or CUDA, interleaved rounds),
 memory (the memory plan's prediction vs the measured peak per phase at Qwen2.5 shapes), creep
 (a 300-step lab run: the step peak over its last 100 steps vs steps 50-100), plan-cost (the
 step's time at the memory plan's micro-batches and checkpointing vs unconstrained). Every

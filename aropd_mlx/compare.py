@@ -52,6 +52,9 @@ class CompareSettings:
     # adding the inverse), for the teacher's views and as SFT's targets alike
     setting: str = "clean"
     sft_steps: int | None = None  # SFT's own step count (e.g. AR-OPD's wall-clock); None: steps
+    # response-length bucket edges in tokens (e.g. (64, 128, 192)): compare.md adds tables by
+    # the length of a correct response; only the tables change, never the runs
+    length_buckets: tuple[int, ...] = ()
     out: str = "runs/compare"
     reuse: bool = True  # reuse finished (variant, seed) runs with identical settings
 
@@ -78,6 +81,10 @@ class CompareSettings:
                             f"(known: {', '.join(SETTINGS)})")
         if self.sft_steps is not None and self.sft_steps < 1:
             raise UserError("compare: --sft-steps must be >= 1")
+        edges = self.length_buckets
+        if any(e < 1 for e in edges) or list(edges) != sorted(set(edges)):
+            raise UserError("compare: --length-buckets must be increasing token counts >= 1, "
+                            f"got {','.join(map(str, edges))}")
         return self
 
 
@@ -206,32 +213,65 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
     return result
 
 
-def aggregate(variants: list[Variant], results: dict[str, list[dict]]) -> list[dict]:
-    """Per variant: each metric's mean and 95% interval over seeds, the same by k, and the
-    paired deltas against each of REFERENCES that ran."""
+GROUP_METRICS = ("accuracy", "all_steps_correct_rate", "shortcut_rate")
+
+
+def length_groups(ks: list[str], edges: tuple[int, ...], tokens_of_k: Callable[[int], int]) -> dict:
+    """Response-length buckets (lo, hi] in tokens, each with the ks whose correct response
+    (`tokens_of_k`, EOS included) falls in it: {"<=64": ["5", "10"], "64-128": [...], ...}.
+    Empty buckets are left out. A bucket holds the same problems for every method."""
+    from aropd_mlx.evaluate import bucket_label
+
+    bounds = list(zip((0, *edges), (*edges, None)))
+    groups: dict[str, list[str]] = {}
+    for k in ks:
+        n = tokens_of_k(int(k))
+        lo, hi = next(b for b in bounds if b[1] is None or n <= b[1])
+        groups.setdefault(bucket_label(lo, hi), []).append(k)
+    order = [bucket_label(lo, hi) for lo, hi in bounds]
+    return {g: groups[g] for g in order if g in groups}
+
+
+def _pooled(run: dict, ks: list[str], metric: str) -> float | None:
+    """One run's rate over the problems of several ks (weighted by each k's count)."""
+    cells = [run["eval"].get("by_k", {}).get(k, {}) for k in ks]
+    cells = [c for c in cells if c.get(metric) is not None]
+    if not cells:
+        return None
+    weights = [c.get("n", 1) for c in cells]
+    return sum(w * c[metric] for w, c in zip(weights, cells)) / sum(weights)
+
+
+def aggregate(variants: list[Variant], results: dict[str, list[dict]],
+              length_buckets: dict[str, list[str]] | None = None) -> list[dict]:
+    """Per variant: each metric's mean and 95% interval over seeds, the same by k (and by
+    response-length bucket, from `length_groups`), and the paired deltas against each of
+    REFERENCES that ran."""
     by_name = {v.name: {r["seed"]: r for r in results[v.name]} for v in variants}
     rows = []
     for v in variants:
         runs = by_name[v.name]
         row = {"name": v.name, "method": v.method, "lam": v.lam, "partial_ratio": v.partial_ratio,
-               "seeds": sorted(runs), "stats": {}, "by_k": {}, "deltas": {}}
+               "seeds": sorted(runs), "stats": {}, "deltas": {}}
         for m in METRICS:
             row["stats"][m] = mean_ci([r["metrics"][m] for r in runs.values()])
         ks = sorted({k for r in runs.values() for k in r["eval"].get("by_k", {})}, key=int)
-        for k in ks:
-            row["by_k"][k] = {m: mean_ci([r["eval"]["by_k"].get(k, {}).get(m) for r in runs.values()])
-                              for m in ("accuracy", "all_steps_correct_rate", "shortcut_rate")}
-        row["deltas_by_k"] = {}
+        for field_name, groups in (("by_k", {k: [k] for k in ks}),
+                                   ("by_length", length_buckets)):
+            if groups is None:
+                continue
+            row[field_name] = {g: {m: mean_ci([_pooled(r, gks, m) for r in runs.values()])
+                                   for m in GROUP_METRICS} for g, gks in groups.items()}
+            row["deltas_" + field_name] = {ref: {g: {m: paired_deltas(
+                {s: _pooled(r, gks, m) for s, r in runs.items()},
+                {s: _pooled(r, gks, m) for s, r in by_name[ref].items()})
+                for m in ("all_steps_correct_rate", "shortcut_rate")} for g, gks in groups.items()}
+                for ref in REFERENCES if ref in by_name and ref != v.name}
         for ref in REFERENCES:
             if ref in by_name and ref != v.name:
-                ref_runs = by_name[ref]
                 row["deltas"][ref] = {m: paired_deltas(
                     {s: r["metrics"][m] for s, r in runs.items()},
-                    {s: r["metrics"][m] for s, r in ref_runs.items()}) for m in METRICS}
-                row["deltas_by_k"][ref] = {k: {m: paired_deltas(
-                    {s: r["eval"]["by_k"].get(k, {}).get(m) for s, r in runs.items()},
-                    {s: r["eval"]["by_k"].get(k, {}).get(m) for s, r in ref_runs.items()})
-                    for m in ("all_steps_correct_rate", "shortcut_rate")} for k in ks}
+                    {s: r["metrics"][m] for s, r in by_name[ref].items()}) for m in METRICS}
         row["train_seconds_mean"] = mean_ci([r["train_seconds"] for r in runs.values()])["mean"]
         rows.append(row)
     return rows
@@ -277,6 +317,7 @@ def other_writer(examples: list, style: str) -> list:
 def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None] | None = None) -> dict:
     """Run every (variant, seed), aggregate, write compare.json and compare.md; return the JSON.
     `lab`: a prepared Lab (default: the lab of `aropd-mlx train`, built once and cached)."""
+    from aropd_mlx.lab.defaults import lab_response_tokens
     from aropd_mlx.report import compare_markdown
 
     settings.validate()
@@ -290,6 +331,9 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
     data = load_lab_data(lab, settings.pool, settings.dev, settings.setting)
     variants = plan(settings)
     jobs = schedule(settings)
+    ks = [str(k) for k in lab.settings.eval_ks]
+    buckets = (length_groups(ks, settings.length_buckets, lab_response_tokens)
+               if settings.length_buckets else None)
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
     t0 = time.perf_counter()
     for i, (v, seed) in enumerate(jobs, 1):
@@ -304,7 +348,8 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
     out = {"settings": {**asdict(settings), "steps": settings.steps},
            "lab": {"root": str(lab.root), "key": lab.settings.key(),
                    "n_train_pool": len(data["train"]), "n_eval": len(data["eval"])},
-           "variants": aggregate(variants, results),
+           "length_buckets": buckets,
+           "variants": aggregate(variants, results, buckets),
            "runs": [{"name": r["name"], "seed": r["seed"], "metrics": r["metrics"],
                      "run_dir": str(Path(r["run_dir"]).relative_to(settings.out)),  # from OUT
                      "train_wall_s": r["train_wall_s"], "eval_wall_s": r["eval_wall_s"]}

@@ -34,11 +34,11 @@ from aropd_mlx.views import ViewSettings, encode_prompt, render_views
 LENGTH_BUCKETS = ((0, 256), (256, 512), (512, 768), (768, 1024), (1024, None))
 
 
-def _bucket_label(lo: int, hi: int | None) -> str:
+def bucket_label(lo: int, hi: int | None) -> str:
     return f">{lo}" if hi is None else f"{lo}-{hi}" if lo else f"<={hi}"
 
 
-BUCKET_NAMES = tuple(_bucket_label(lo, hi) for lo, hi in LENGTH_BUCKETS)
+BUCKET_NAMES = tuple(bucket_label(lo, hi) for lo, hi in LENGTH_BUCKETS)
 
 
 def bucket_index(n_tokens: int) -> int:

@@ -395,18 +395,23 @@ def compare_markdown(comp: dict) -> str:
             row[f"Δacc vs {ref}"] = _delta_text(v["deltas"].get(ref, {}).get("accuracy"))
         rows.append(row)
     parts = head + ["## Results\n", markdown_table(rows)]
-    for metric in ("accuracy", "all_steps_correct_rate", "shortcut_rate"):
-        if ks:
-            table = [{"method": v["name"], **{f"k={k}": format_ci(v["by_k"].get(k, {}).get(metric, {}))
-                                              for k in ks}} for v in variants]
-            parts += [f"\n## {METRIC_LABELS[metric]} by k\n", markdown_table(table)]
     arop = next((v for v in variants if v["method"] == "ar-opd"), None)
-    if ks and arop is not None and arop.get("deltas_by_k"):
-        for metric in ("all_steps_correct_rate", "shortcut_rate"):
-            table = [{"AR-OPD minus": ref, **{f"k={k}": _delta_text(arop["deltas_by_k"][ref]
-                                                                 .get(k, {}).get(metric))
-                                              for k in ks}} for ref in arop["deltas_by_k"]]
-            parts += [f"\n## {arop['name']} minus each reference, {METRIC_LABELS[metric]} by k "
+    buckets = comp.get("length_buckets") or {}
+    for field_name, groups, label, title in (
+            ("by_k", ks, "k={}".format, "by k"),
+            ("by_length", list(buckets), lambda g: f"{g} tok (k={','.join(buckets[g])})",
+             "by response length (tokens of a correct response, EOS included)")):
+        if not groups:
+            continue
+        for metric in ("accuracy", "all_steps_correct_rate", "shortcut_rate"):
+            table = [{"method": v["name"], **{label(g): format_ci(v[field_name].get(g, {}).get(metric, {}))
+                                              for g in groups}} for v in variants]
+            parts += [f"\n## {METRIC_LABELS[metric]} {title}\n", markdown_table(table)]
+        deltas = (arop or {}).get("deltas_" + field_name) or {}
+        for metric in ("all_steps_correct_rate", "shortcut_rate") if deltas else ():
+            table = [{"AR-OPD minus": ref, **{label(g): _delta_text(deltas[ref].get(g, {}).get(metric))
+                                              for g in groups}} for ref in deltas]
+            parts += [f"\n## {arop['name']} minus each reference, {METRIC_LABELS[metric]} {title} "
                       "(paired by seed)\n", markdown_table(table)]
     reading = _reading(variants)
     if reading:

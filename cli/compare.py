@@ -5,6 +5,7 @@
     aropd-mlx compare --lams 0.6,0.8,1.2 --partial-ratios 0.25,0.5 --out runs/sweep
     aropd-mlx compare --methods full-opd,ar-opd --seeds 1 --steps 2   # a smoke run
     aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
+    AROPD_MLX_LAB='{"k_max": 40, ...}' aropd-mlx compare --length-buckets 64,128,192  # long rollouts
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def compare_command(
         "teacher's views and SFT's targets alike.")),
     sft_steps: Optional[int] = typer.Option(None, "--sft-steps", help=(
         "SFT's own step count (e.g. the steps that match AR-OPD's wall-clock).")),
+    length_buckets: Optional[List[str]] = typer.Option(None, "--length-buckets", help=(
+        "Token edges of response-length buckets, e.g. 64,128,192: compare.md adds tables by "
+        "the length of a correct response (a long-rollout lab: AROPD_MLX_LAB='{\"k_max\": 40}').")),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=(
         "KEY=VALUE config override for every trained run, repeatable, e.g. "
         "--set train.learning_rate=1e-4 --set model.fine_tune_type=full.")),
@@ -98,7 +102,8 @@ def compare_command(
         settings = quick_settings(settings)
     given = {"seeds": seeds, "first_seed": first_seed, "steps": steps, "lams": parse_list(lams, float, "lams"),
              "partial_ratios": parse_list(partial_ratios, float, "partial-ratios"),
-             "methods": parse_list(methods, str, "methods")}
+             "methods": parse_list(methods, str, "methods"),
+             "length_buckets": parse_list(length_buckets, int, "length-buckets")}
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None}).validate()
     typer.echo(f"compare: {', '.join(settings.methods)}; {settings.seeds} seed(s) x "
                f"{settings.steps} steps -> {out}", err=True)

@@ -106,6 +106,13 @@ def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
     # a second call reuses the finished runs (no training: same numbers, no new steps)
     again = compare(settings, lab=tiny_lab)
     assert again["variants"] == result["variants"]
+    # length buckets change the tables, not the runs (reused: each bucket here is one k)
+    from dataclasses import replace
+    bucketed = compare(replace(settings, length_buckets=(16,)), lab=tiny_lab)
+    assert bucketed["length_buckets"] == {"<=16": ["2"], ">16": ["3"]}  # 6k + 4 tokens
+    ar_b = bucketed["variants"][-1]
+    assert ar_b["by_length"]["<=16"] == ar["by_k"]["2"] and ar_b["stats"] == ar["stats"]
+    assert "<=16 tok (k=2)" in (out / "compare.md").read_text()
 
     written = report([out], tmp_path / "plots")
     names = sorted(p.name for p in written)
@@ -214,6 +221,60 @@ def test_paired_deltas_by_k_and_first_seed():
     assert [(v.name, seed) for v, seed in schedule(s)] == [("base", 5), ("ar-opd", 5), ("ar-opd", 6)]
     with pytest.raises(UserError):
         CompareSettings(first_seed=-1).validate()
+
+
+def test_length_buckets_pool_ks_and_pair_by_seed():
+    """--length-buckets: each bucket holds the ks whose correct response falls in it, its rate
+    is the n-weighted mean of theirs (hand-computed), deltas pair by seed, compare.md shows it."""
+    from aropd_mlx.compare import Variant, aggregate, length_groups
+    from aropd_mlx.report import compare_markdown
+
+    tokens = lambda k: 6 * k + 4
+    assert length_groups(["5", "10", "15", "30"], (64, 128), tokens) == \
+        {"<=64": ["5", "10"], "64-128": ["15"], ">128": ["30"]}
+    assert length_groups(["10"], (64,), tokens) == {"<=64": ["10"]}  # 64 is in (0, 64]
+    assert length_groups(["15"], (10, 64, 200), tokens) == {"64-200": ["15"]}  # no empty ones
+
+    def run(seed, by_k):
+        return {"seed": seed, "train_seconds": 1.0, "metrics": {m: 0.5 for m in (
+                    "accuracy", "all_steps_correct_rate", "long_accuracy",
+                    "long_all_steps_correct_rate", "shortcut_rate")},
+                "eval": {"by_k": {k: {"n": n, "accuracy": v, "all_steps_correct_rate": v,
+                                      "shortcut_rate": 1 - v} for k, (n, v) in by_k.items()}}}
+
+    buckets = {"<=64": ["5", "10"], ">64": ["15"]}
+    variants = [Variant("full-opd", "full-opd"), Variant("ar-opd", "ar-opd")]
+    results = {"full-opd": [run(0, {"5": (10, 1.0), "10": (30, 0.0), "15": (4, 0.25)}),
+                            run(1, {"5": (10, 1.0), "10": (30, 0.4), "15": (4, 0.5)})],
+               "ar-opd": [run(0, {"5": (10, 1.0), "10": (30, 0.2), "15": (4, 0.5)}),
+                          run(1, {"5": (10, 1.0), "10": (30, 0.4), "15": (4, 1.0)})]}
+    rows = aggregate(variants, results, buckets)
+    full = rows[0]["by_length"]["<=64"]["all_steps_correct_rate"]
+    assert abs(full["mean"] - (0.25 + 0.55) / 2) < 1e-12  # (10*1 + 30*0)/40, (10 + 12)/40
+    d = rows[1]["deltas_by_length"]["full-opd"][">64"]["all_steps_correct_rate"]
+    assert abs(d["mean"] - 0.375) < 1e-12 and d["n"] == 2  # (0.25 + 0.5) / 2
+    assert rows[1]["by_k"]["10"]["accuracy"]["mean"] == pytest.approx(0.3)
+    md = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {}, "variants": rows,
+                           "length_buckets": buckets})
+    assert "by response length" in md and "<=64 tok (k=5,10)" in md and "+0.375 [" in md
+    with pytest.raises(UserError):
+        CompareSettings(length_buckets=(128, 64)).validate()
+
+
+def test_lab_response_tokens_match_the_tokenizer(tiny_lab):
+    """The closed form the length buckets rest on: an oracle response's tokens as SFT encodes
+    them (EOS included), for every k of the pool."""
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.lab.defaults import lab_response_tokens
+    from aropd_mlx.lab.task import parse_question
+    from aropd_mlx.models import ModelSettings, load_student
+    from aropd_mlx.views import encode_response
+
+    _, tok = load_student(ModelSettings(path=str(tiny_lab.model_path)))
+    for ex in load_examples(str(tiny_lab.train_path), need=("question", "solution", "answer")):
+        k = len(parse_question(ex.question)[1])
+        assert len(encode_response(tok, f"{ex.solution}\nA:{ex.answer}")) == lab_response_tokens(k)
+    assert lab_response_tokens(40) == 244
 
 
 def test_other_writer_setting_rewrites_references_and_sft_gets_its_own_steps(tiny_lab, tmp_path):

@@ -101,6 +101,12 @@ def lab_max_new_tokens(k_max: int) -> int:
     return 6 * k_max + 8
 
 
+def lab_response_tokens(k: int) -> int:
+    """Tokens of a correct response to a k-operation problem, EOS included: the lab's
+    tokenizer has one token per character (its rollout-length buckets rest on this)."""
+    return len(task.format_response(["0+0=0"] * k, "0")) + 1
+
+
 def lab_overrides(lab) -> dict:
     """The settings tied to a built lab (a `setup.Lab`): its model and data paths, the lengths
     its task needs, its views."""

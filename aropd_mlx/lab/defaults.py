@@ -50,6 +50,29 @@ class LabSettings:
     # warm start: the student learns to chain steps first, and keeps it while the mix then
     # teaches the privileged views (a mix from the start learns to copy hints instead; LAB.md)
     warm_student_steps: int = 300
+    # a curriculum instead of that one phase: (steps, k limit) phases of student-view-only SFT
+    # run in order (e.g. ((300, 6), (600, 40))): long chains learned from scratch stall
+    # (docs/LAB.md, session 7); empty: the single phase above
+    warm_student_schedule: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.warm_student_schedule and self.warm_student_steps:
+            raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
+                            "set warm_student_steps to 0")
+        for phase in self.warm_student_schedule:
+            if (len(phase) != 2 or not all(isinstance(x, int) and x > 0 for x in phase)):
+                raise UserError(f"lab settings: warm_student_schedule phase {list(phase)} is "
+                                "not [steps, k limit] (two positive integers)")
+
+    def student_phases(self) -> list[tuple[int, int, str]]:
+        """The student-view phases before the mixed warm start: (steps, k limit, run name)."""
+        if self.warm_student_schedule:
+            return [(steps, min(limit, self.k_max), f"warm_run_student_{i + 1}")
+                    for i, (steps, limit) in enumerate(self.warm_student_schedule)]
+        if self.warm_student_steps:
+            return [(self.warm_student_steps, self.student_view_k_max or self.k_max,
+                     "warm_run_student")]
+        return []
 
     def key(self) -> str:
         values = asdict(self)
@@ -59,6 +82,8 @@ class LabSettings:
             del values["warm_hint_styles"]
         if not values["warm_student_steps"]:
             del values["warm_student_steps"]
+        if not values["warm_student_schedule"]:
+            del values["warm_student_schedule"]
         blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -144,6 +169,8 @@ def settings_from(values: dict) -> LabSettings:
     for key in ("eval_ks", "warm_view_mix", "warm_hint_styles"):
         if key in values:
             values[key] = tuple(values[key])
+    if "warm_student_schedule" in values:
+        values["warm_student_schedule"] = tuple(tuple(p) for p in values["warm_student_schedule"])
     for style in values.get("warm_hint_styles", ()):  # an unknown style stops here, not mid-build
         task.reference_variant({"question": "Q:1+2", "solution": "1+2=3", "answer": "3"},
                                style, random.Random(0))

@@ -138,15 +138,13 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     cfg = load_config(overrides=overrides)
     model, tokenizer = load_student(cfg.model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
-    if settings.warm_student_steps:  # phase 1: the student view alone, short problems only
-        limit = settings.student_view_k_max or settings.k_max
+    for steps, limit, name in settings.student_phases():  # the student view alone first
         short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
-        first = load_config(overrides={
-            **overrides, "train.steps": settings.warm_student_steps,
-            "train.save_every": settings.warm_student_steps, "train.sft_view_mix": [1.0, 0.0, 0.0],
-            "out": str(root / "warm_run_student")})
-        shutil.rmtree(first.out, ignore_errors=True)  # what an interrupted build left
-        train(first, model, tokenizer, short, teacher=Teacher("frozen"), on_step=on_step)
+        phase = load_config(overrides={
+            **overrides, "train.steps": steps, "train.save_every": steps,
+            "train.sft_view_mix": [1.0, 0.0, 0.0], "out": str(root / name)})
+        shutil.rmtree(phase.out, ignore_errors=True)  # what an interrupted build left
+        train(phase, model, tokenizer, short, teacher=Teacher("frozen"), on_step=on_step)
     shutil.rmtree(cfg.out, ignore_errors=True)
     train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step,
           encoder=warm_encoder(settings, cfg, tokenizer))

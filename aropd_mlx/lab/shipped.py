@@ -31,8 +31,12 @@ def _at(folder) -> Path:
 
 
 def recipe(settings) -> dict:
-    """The settings that define a build (JSON-ready, version-independent)."""
-    return json.loads(json.dumps(asdict(settings), default=str))
+    """The settings that define a build (JSON-ready, version-independent); a field added
+    since the model was shipped is left out at its neutral value, as in LabSettings.key()."""
+    values = asdict(settings)
+    if not values.get("warm_student_schedule"):
+        values.pop("warm_student_schedule", None)
+    return json.loads(json.dumps(values, default=str))
 
 
 def sha256(path: Path) -> str:

@@ -228,7 +228,6 @@ def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
     saw); the key of a lab without it is unchanged; a bad schedule is one clear error."""
     import json
 
-    from aropd_mlx.lab import task as lab_task
     from aropd_mlx.lab.defaults import settings_from
 
     base = replace(SMALL, k_max=3, eval_ks=(1, 3), n_train=96)
@@ -239,13 +238,13 @@ def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
                                                 "warm_student_steps": 0}))
                          ).warm_student_schedule == ((3, 1), (2, 3))
     lab = prepare_lab(cur, root=tmp_path / "cur")
-    longest = lambda k: len(lab_task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
+    longest = lambda k: len(task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
+    lengths = {}
     for name, steps, k in (("warm_run_student_1", 3, 1), ("warm_run_student_2", 2, 3)):
-        rows = [json.loads(l) for l in (lab.root / name / "metrics.jsonl").read_text().splitlines()]
-        assert len(rows) == steps and max(r["response_len_max"] for r in rows) <= longest(k)
-    second = [json.loads(l)["response_len_max"] for l in
-              (lab.root / "warm_run_student_2" / "metrics.jsonl").read_text().splitlines()]
-    assert max(second) > longest(1)  # the second phase saw longer problems than the first
+        rows = (lab.root / name / "metrics.jsonl").read_text().splitlines()
+        lengths[name] = [json.loads(l)["response_len_max"] for l in rows]
+        assert len(rows) == steps and max(lengths[name]) <= longest(k)
+    assert max(lengths["warm_run_student_2"]) > longest(1)  # the second phase saw longer ones
     with pytest.raises(UserError, match="replaces warm_student_steps"):
         replace(base, warm_student_steps=5, warm_student_schedule=((3, 1),))
     with pytest.raises(UserError, match=r"not \[steps, k limit\]"):

@@ -249,3 +249,41 @@ def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
         replace(base, warm_student_steps=5, warm_student_schedule=((3, 1),))
     with pytest.raises(UserError, match=r"not \[steps, k limit\]"):
         replace(base, warm_student_schedule=((3, 0),))
+
+
+def test_an_interrupted_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A lab build killed in its mixed phase goes on from its last checkpoint: the finished
+    student phases are not trained again, and the model equals a build that was never stopped
+    (bit for bit: one machine, exact resume)."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+
+    monkeypatch.setattr(setup, "WARM_SAVE_EVERY", 2)
+    cur = replace(SMALL, k_max=3, eval_ks=(1, 3), n_train=96, warm_steps=5,
+                  warm_student_schedule=((3, 1), (2, 3)))
+    whole = prepare_lab(cur, root=tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_in_mixed_phase(line):
+        seen.append(line)
+        if len(seen) == 3 + 2 + 3:  # both student phases, then 3 of the 5 mixed steps
+            raise Killed
+
+    with pytest.raises(Killed):
+        prepare_lab(cur, root=tmp_path / "cut", on_step=kill_in_mixed_phase)
+    assert not (tmp_path / "cut" / "model").exists()
+    seen.clear()
+    cut = prepare_lab(cur, root=tmp_path / "cut", on_step=seen.append)
+    assert len(seen) == 5 - 2  # only the mixed steps after its checkpoint at step 2
+    rows = (cut.root / "warm_run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in rows] == [1, 2, 3, 4, 5]
+    a = mx.load(str(whole.model_path / "model.safetensors"))
+    b = mx.load(str(cut.model_path / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

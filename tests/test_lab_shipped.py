@@ -278,6 +278,8 @@ def test_an_interrupted_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp
     with pytest.raises(Killed):
         prepare_lab(cur, root=tmp_path / "cut", on_step=kill_in_mixed_phase)
     assert not (tmp_path / "cut" / "model").exists()
+    assert [(l["phase"], l["phase_steps"]) for l in seen] == (  # what the progress lines name
+        [("student view, k <= 1", 3)] * 3 + [("student view, k <= 3", 2)] * 2 + [("all views", 5)] * 3)
     seen.clear()
     cut = prepare_lab(cur, root=tmp_path / "cut", on_step=seen.append)
     assert len(seen) == 5 - 2  # only the mixed steps after its checkpoint at step 2

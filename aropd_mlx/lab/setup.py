@@ -147,9 +147,10 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
             **overrides, "train.steps": steps, "train.save_every": min(WARM_SAVE_EVERY, steps),
             "train.sft_view_mix": [1.0, 0.0, 0.0], "out": str(root / name)})
         # an interrupted build goes on from its last checkpoint (a finished phase: its weights)
-        train(phase, model, tokenizer, short, teacher=Teacher("frozen"), on_step=on_step,
-              resume=True)
-    train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"), on_step=on_step,
+        train(phase, model, tokenizer, short, teacher=Teacher("frozen"),
+              on_step=_tagged(on_step, f"student view, k <= {limit}", steps), resume=True)
+    train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"),
+          on_step=_tagged(on_step, "all views", settings.warm_steps),
           encoder=warm_encoder(settings, cfg, tokenizer), resume=True)
     out = root / "model.tmp"
     shutil.rmtree(out, ignore_errors=True)
@@ -157,6 +158,13 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "pt"})
     return out
+
+
+def _tagged(on_step: Callable | None, phase: str, steps: int) -> Callable | None:
+    """on_step for one warm-start phase: each line also names the phase and its length."""
+    if on_step is None:
+        return None
+    return lambda line: on_step({**line, "phase": phase, "phase_steps": steps})
 
 
 def prepare_lab(settings: LabSettings = LabSettings(), *, rebuild: bool = False,

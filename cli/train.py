@@ -169,10 +169,10 @@ def _build_progress():
         if "bar" not in state:
             typer.echo("Building the lab model (once; cached): warm start with `sft`...", err=True)
             state["bar"] = True
-        step, steps = line["step"], line.get("phase_steps", 0)
+        step, steps = line["step"], line["phase_steps"]  # lab/setup.py tags each phase's lines
         if step % 50 == 0 or step == steps:
             left = f", ~{(steps - step) * line['time_step'] / 60:.0f} min left" if steps > step else ""
-            typer.echo(f"  {line.get('phase', 'warm start')}: step {step}/{steps}  loss "
+            typer.echo(f"  {line['phase']}: step {step}/{steps}  loss "
                        f"{line['loss']:.3f}  {line['time_step']:.1f} s/step{left}", err=True)
 
     return on_step

@@ -116,7 +116,7 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
     return WarmEncoder(cfg, tokenizer)
 
 
-WARM_SAVE_EVERY = 50  # steps between a lab build's checkpoints: an interrupted build resumes
+WARM_SAVE_EVERY = 50  # a lab build checkpoints this often (and at each phase's end) to resume
 
 
 def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = None) -> Path:
@@ -135,7 +135,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
         "train.method": "sft", "train.steps": settings.warm_steps, "train.batch_size": settings.warm_batch,
         "train.learning_rate": settings.warm_lr, "train.min_lr_ratio": 0.1, "train.grad_clip": 1.0,
         "train.warmup_steps": 20, "train.sft_view_mix": list(settings.warm_view_mix),
-        "train.save_every": min(WARM_SAVE_EVERY, settings.warm_steps), "train.seed": settings.seed,
+        "train.save_every": WARM_SAVE_EVERY, "train.seed": settings.seed,
         "out": str(root / "warm_run"),
     }
     cfg = load_config(overrides=overrides)
@@ -144,7 +144,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     for steps, limit, name in settings.student_phases():  # the student view alone first
         short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
         phase = load_config(overrides={
-            **overrides, "train.steps": steps, "train.save_every": min(WARM_SAVE_EVERY, steps),
+            **overrides, "train.steps": steps,
             "train.sft_view_mix": [1.0, 0.0, 0.0], "out": str(root / name)})
         # an interrupted build goes on from its last checkpoint (a finished phase: its weights)
         train(phase, model, tokenizer, short, teacher=Teacher("frozen"),

@@ -171,7 +171,9 @@ def _build_progress():
             state["bar"] = True
         step, steps = line["step"], line["phase_steps"]  # lab/setup.py tags each phase's lines
         if step % 50 == 0 or step == steps:
-            left = f", ~{(steps - step) * line['time_step'] / 60:.0f} min left" if steps > step else ""
+            minutes = (steps - step) * line["time_step"] / 60
+            left = ("" if steps == step else ", <1 min left" if minutes < 1
+                    else f", ~{minutes:.0f} min left")
             typer.echo(f"  {line['phase']}: step {step}/{steps}  loss "
                        f"{line['loss']:.3f}  {line['time_step']:.1f} s/step{left}", err=True)
 

@@ -289,3 +289,25 @@ def test_an_interrupted_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp
     b = mx.load(str(cut.model_path / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_build_progress_names_the_phase_every_50_steps_and_at_its_end(capsys):
+    """The build's progress lines (cli/train.py): a header once, then a line every 50 steps and
+    at each phase's last step, naming the phase, the step, the loss, s/step and the minutes
+    left by that step time (none on a phase's last line, "<1" under a minute)."""
+    from aropd_mlx.cli.train import _build_progress
+
+    on_step = _build_progress()
+    for phase, steps in (("student view, k <= 6", 120), ("all views", 60)):
+        for step in range(1, steps + 1):
+            on_step({"step": step, "loss": 1.0 / step, "time_step": 2.0, "phase": phase,
+                     "phase_steps": steps})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("Building the lab model")
+    assert lines[1:] == [
+        "  student view, k <= 6: step 50/120  loss 0.020  2.0 s/step, ~2 min left",  # 70 x 2 s
+        "  student view, k <= 6: step 100/120  loss 0.010  2.0 s/step, <1 min left",  # 20 x 2 s
+        "  student view, k <= 6: step 120/120  loss 0.008  2.0 s/step",
+        "  all views: step 50/60  loss 0.020  2.0 s/step, <1 min left",  # 20 s
+        "  all views: step 60/60  loss 0.017  2.0 s/step",
+    ]

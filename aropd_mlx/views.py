@@ -50,6 +50,10 @@ class ViewSettings:
     # distance from response line i: a tiny model can then align them (LAB.md).
     pad_reference_lines: int = 0
     pad_line: str = ""
+    # Left-pad the question of the privileged views with pad_line's first character to this
+    # many characters (0: off): with the question last in privileged_template, the question
+    # then ends where the student's does and the reference still sits at a fixed distance.
+    pad_question_chars: int = 0
     use_chat_template: bool = True
     system_prompt: str | None = None
     # Extra variables of the chat template, the same for every view: {enable_thinking: false}
@@ -60,6 +64,11 @@ class ViewSettings:
             raise UserError(f"views.partial_ratio must be in [0, 1], got {self.partial_ratio}")
         if self.pad_reference_lines < 0:
             raise UserError("views.pad_reference_lines must be >= 0")
+        if self.pad_question_chars < 0:
+            raise UserError("views.pad_question_chars must be >= 0")
+        if self.pad_question_chars and not self.pad_line:
+            raise UserError("views.pad_question_chars needs views.pad_line (its first character "
+                            "pads the question)")
         for name, (allowed, required) in TEMPLATE_FIELDS.items():
             check_template(f"views.{name}", getattr(self, name), allowed, required)
         for key in self.chat_template_args or {}:
@@ -128,10 +137,11 @@ def render_views(example, settings: ViewSettings) -> dict[str, str]:
     out = {"student": student}
     if example.solution is None or example.answer is None:
         return out
+    question = example.question.rjust(settings.pad_question_chars, (settings.pad_line or " ")[0])
     for name, ratio in (("partial", settings.partial_ratio), ("full", 1.0)):
         reference = _pad(partial_reference(example.solution, ratio), settings)
         out[name] = settings.privileged_template.format(
-            question=example.question, reference=reference, answer=example.answer)
+            question=question, reference=reference, answer=example.answer)
     return out
 
 

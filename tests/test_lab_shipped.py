@@ -311,3 +311,26 @@ def test_build_progress_names_the_phase_every_50_steps_and_at_its_end(capsys):
         "  all views: step 50/60  loss 0.020  2.0 s/step, <1 min left",  # 20 s
         "  all views: step 60/60  loss 0.017  2.0 s/step",
     ]
+
+
+def test_question_last_labs_train_and_run_with_the_question_last_views(tmp_path):
+    """LabSettings.question_last: a lab of its own (the key of a lab without it is unchanged)
+    whose warm start and runs both render the privileged views question last, padded to the
+    width of a k_max question (the warm start's config.yaml and the lab's overrides agree)."""
+    import yaml
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.data import Example
+    from aropd_mlx.views import render_views
+
+    base = replace(SMALL, k_max=3, eval_ks=(1, 3), n_train=96)
+    assert replace(base, question_last=False).key() == base.key()
+    last = replace(base, question_last=True)
+    assert last.key() != base.key()
+    lab = prepare_lab(last, root=tmp_path / "last")
+    views = load_config(overrides=lab.overrides()).views
+    warm = yaml.safe_load((lab.root / "warm_run" / "config.yaml").read_text())["views"]
+    assert warm["privileged_template"] == views.privileged_template
+    assert warm["pad_question_chars"] == views.pad_question_chars == len("Q:1+2+3+4")
+    ex = Example(id="x", question="Q:1+2", solution="1+2=3", answer="3")
+    assert render_views(ex, views)["full"].endswith("\nA:3\n....Q:1+2")

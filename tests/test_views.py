@@ -82,3 +82,33 @@ def test_good_templates_pass():
     ViewSettings().validate()
     ViewSettings(privileged_template="{question}{{literal}}\n{reference}", response_template="{solution}",
                  student_template="Q: {question!s}").validate()
+
+
+def test_a_padded_question_last_ends_where_the_students_does_and_keeps_the_reference_fixed():
+    """views.pad_question_chars with the question last in the privileged template: every
+    privileged view ends with the student's question (left-padded with pad_line's first
+    character to the given width), and the reference starts at the same distance from the
+    prompt's end for a short and a long question."""
+    from types import SimpleNamespace
+
+    from aropd_mlx.views import render_views
+
+    views = ViewSettings(privileged_template="{reference}\nA:{answer}\n{question}",
+                         student_template="{question}", pad_reference_lines=4, pad_line=".....",
+                         pad_question_chars=9)
+    views.validate()
+    short = SimpleNamespace(question="Q:1+2", solution="1+2=3", answer="3")
+    long = SimpleNamespace(question="Q:1+2*3+4", solution="1+2=3\n3*3=9\n9+4=3", answer="3")
+    offsets = set()
+    for ex in (short, long):
+        texts = render_views(ex, views)
+        assert texts["student"] == ex.question
+        for name in ("partial", "full"):
+            pad = "." * (9 - len(ex.question))
+            assert texts[name].endswith("\nA:3\n" + pad + ex.question)
+            offsets.add(len(texts[name]) - texts[name].index("1+2=3"))
+    assert len(offsets) == 1  # the same distance for both questions and both views
+    with pytest.raises(UserError, match="pad_question_chars needs views.pad_line"):
+        ViewSettings(pad_question_chars=9).validate()
+    with pytest.raises(UserError, match="pad_question_chars must be >= 0"):
+        ViewSettings(pad_question_chars=-1).validate()

@@ -54,6 +54,10 @@ class LabSettings:
     # run in order (e.g. ((300, 6), (600, 40))): long chains learned from scratch stall
     # (docs/LAB.md, session 7); empty: the single phase above
     warm_student_schedule: tuple[tuple[int, int], ...] = ()
+    # the privileged views put the question last, left-padded to the longest question's
+    # width: it ends right before the response as in the student view (whose way of reading
+    # it then serves every view), and the reference keeps a fixed distance (docs/LAB.md, s. 9)
+    question_last: bool = False
 
     def __post_init__(self):
         if self.warm_student_schedule and self.warm_student_steps:
@@ -84,16 +88,24 @@ class LabSettings:
             del values["warm_student_steps"]
         if not values["warm_student_schedule"]:
             del values["warm_student_schedule"]
+        if not values["question_last"]:
+            del values["question_last"]
         blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def view_overrides(k_max: int) -> dict:
+def view_overrides(k_max: int, question_last: bool = False) -> dict:
     """The lab's views: the reference is padded to k_max lines so that reference line i sits at
-    a fixed distance from response line i, which a tiny model can learn to align (LAB.md)."""
+    a fixed distance from response line i, which a tiny model can learn to align (LAB.md).
+    `question_last` (LabSettings): the question after the reference and the answer, padded on
+    the left to the width of a k_max question, so the reference's distance stays fixed."""
+    layout = ({"views.privileged_template": "{reference}\nA:{answer}\n{question}",
+               "views.pad_question_chars": len(task.format_question(0, [("+", 0)] * k_max))}
+              if question_last else
+              {"views.privileged_template": "{question}\n{reference}\nA:{answer}"})
     return {
         "views.student_template": "{question}",
-        "views.privileged_template": "{question}\n{reference}\nA:{answer}",
+        **layout,
         "views.response_template": "{solution}\nA:{answer}",
         "views.pad_reference_lines": k_max,
         "views.pad_line": ".....",
@@ -138,7 +150,8 @@ def lab_overrides(lab) -> dict:
     k_max = lab.settings.k_max
     return {"model.path": str(lab.model_path), "data.train": str(lab.train_path),
             "data.eval": str(lab.eval_path), "data.max_prompt_tokens": LAB_MAX_PROMPT_TOKENS,
-            "rollout.max_new_tokens": lab_max_new_tokens(k_max), **view_overrides(k_max)}
+            "rollout.max_new_tokens": lab_max_new_tokens(k_max),
+            **view_overrides(k_max, lab.settings.question_last)}
 
 
 def lab_preset(lab, cfg=None) -> dict:

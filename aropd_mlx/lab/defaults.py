@@ -86,12 +86,21 @@ class LabSettings:
             del values["warm_hint_styles"]
         if not values["warm_student_steps"]:
             del values["warm_student_steps"]
-        if not values["warm_student_schedule"]:
-            del values["warm_student_schedule"]
-        if not values["question_last"]:
-            del values["question_last"]
+        values = without_neutral_later_fields(values)
         blob = json.dumps({"v": __version__, **values}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Fields added after labs were built and shipped, at the values that leave a lab as it was
+# built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
+LATER_FIELDS = {"warm_student_schedule": (), "question_last": False}
+
+
+def without_neutral_later_fields(values: dict) -> dict:
+    """asdict(LabSettings) without the LATER_FIELDS at their neutral values."""
+    return {k: v for k, v in values.items()
+            if not (k in LATER_FIELDS and (tuple(v) if isinstance(v, list) else v)
+                    == LATER_FIELDS[k])}
 
 
 def view_overrides(k_max: int, question_last: bool = False) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aropd_mlx.errors import UserError
 from aropd_mlx.jsonio import read_json
+from aropd_mlx.lab.defaults import without_neutral_later_fields
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "lab.json"
@@ -33,10 +34,7 @@ def _at(folder) -> Path:
 def recipe(settings) -> dict:
     """The settings that define a build (JSON-ready, version-independent); a field added
     since the model was shipped is left out at its neutral value, as in LabSettings.key()."""
-    values = asdict(settings)
-    if not values.get("warm_student_schedule"):
-        values.pop("warm_student_schedule", None)
-    return json.loads(json.dumps(values, default=str))
+    return json.loads(json.dumps(without_neutral_later_fields(asdict(settings)), default=str))
 
 
 def sha256(path: Path) -> str:

@@ -327,6 +327,8 @@ def test_question_last_labs_train_and_run_with_the_question_last_views(tmp_path)
     assert replace(base, question_last=False).key() == base.key()
     last = replace(base, question_last=True)
     assert last.key() != base.key()
+    # a lab without it keeps its recipe (the shipped model's match), one with it records it
+    assert "question_last" not in shipped.recipe(base) and shipped.recipe(last)["question_last"]
     lab = prepare_lab(last, root=tmp_path / "last")
     views = load_config(overrides=lab.overrides()).views
     warm = yaml.safe_load((lab.root / "warm_run" / "config.yaml").read_text())["views"]

@@ -131,7 +131,8 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
 
     init_dir = build_tiny_model(root / "init", settings.spec)
     overrides = {
-        **view_overrides(settings.k_max, settings.question_last), "model.path": str(init_dir), "model.fine_tune_type": "full",
+        **view_overrides(settings.k_max, settings.question_last),
+        "model.path": str(init_dir), "model.fine_tune_type": "full",
         "train.method": "sft", "train.steps": settings.warm_steps, "train.batch_size": settings.warm_batch,
         "train.learning_rate": settings.warm_lr, "train.min_lr_ratio": 0.1, "train.grad_clip": 1.0,
         "train.warmup_steps": 20, "train.sft_view_mix": list(settings.warm_view_mix),

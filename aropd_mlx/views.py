@@ -137,7 +137,9 @@ def render_views(example, settings: ViewSettings) -> dict[str, str]:
     out = {"student": student}
     if example.solution is None or example.answer is None:
         return out
-    question = example.question.rjust(settings.pad_question_chars, (settings.pad_line or " ")[0])
+    question = example.question
+    if settings.pad_question_chars:  # validate(): pad_line is set then
+        question = question.rjust(settings.pad_question_chars, settings.pad_line[0])
     for name, ratio in (("partial", settings.partial_ratio), ("full", 1.0)):
         reference = _pad(partial_reference(example.solution, ratio), settings)
         out[name] = settings.privileged_template.format(

@@ -98,9 +98,7 @@ LATER_FIELDS = {"warm_student_schedule": (), "question_last": False}
 
 def without_neutral_later_fields(values: dict) -> dict:
     """asdict(LabSettings) without the LATER_FIELDS at their neutral values."""
-    return {k: v for k, v in values.items()
-            if not (k in LATER_FIELDS and (tuple(v) if isinstance(v, list) else v)
-                    == LATER_FIELDS[k])}
+    return {k: v for k, v in values.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 def view_overrides(k_max: int, question_last: bool = False) -> dict:

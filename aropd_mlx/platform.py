@@ -6,7 +6,7 @@ but it must be set before the process starts, so :func:`ensure_fast_blas` re-exe
 current command once with ``LD_PRELOAD`` set.  On macOS (Metal / Accelerate) nothing here
 does anything.
 
-Which BLAS, in this fixed order (the first one present wins):
+Which BLAS, in this fixed order (the first one present that runs here wins):
   1. PyPI's ``cmeel-openblas`` (a Linux dependency of this package, so ``pip install`` alone
      brings it): OpenBLAS 0.3.31, ~420 GFLOP/s on 1024^3 on a 2-core AMD EPYC against ~230
      for Debian 12's 0.3.21 (README). It needs ``libgfortran.so.5``, which a bare machine
@@ -14,6 +14,12 @@ Which BLAS, in this fixed order (the first one present wins):
      private folder of links (:func:`_gfortran_links`) goes on ``LD_LIBRARY_PATH`` with it;
   2. Debian/Ubuntu's OpenBLAS (pthread, OpenMP, plain) in the system lib folders;
   3. PyPI's MKL (``<prefix>/lib/libmkl_rt.so.*``).
+
+"Runs here": a library is built for some set of CPU instructions, and PyPI's cmeel-openblas
+is not a multi-target build (0.3.31 is OpenBLAS's SKYLAKEX target: AVX-512; 0.3.29 was ZEN):
+on a CPU without them every matmul dies with SIGILL. So each candidate first multiplies two
+small matrices in a child process (:func:`runs_here`); the verdict is cached per library
+file and CPU, and a library that fails is skipped with one line saying why.
 
 Environment variables:
   AROPD_MLX_NO_BLAS_FIX=1   never preload a BLAS (opt-out)
@@ -27,8 +33,11 @@ from __future__ import annotations
 import ctypes
 import glob
 import hashlib
+import json
 import os
 import platform as _platform
+import signal
+import subprocess
 import sys
 
 OPT_OUT_ENV = "AROPD_MLX_NO_BLAS_FIX"
@@ -147,33 +156,139 @@ def _gfortran_links() -> str | None:
     return None
 
 
-def find_fast_blas() -> str | None:
-    """Path of a fast BLAS present on this Linux machine, or None (always None on macOS).
+def _candidates() -> list[str]:
+    """Fast BLAS libraries present here, in the module docstring's order (not yet probed)."""
+    out = []
+    cmeel = _cmeel_openblas()
+    if cmeel and blas_library_path(cmeel) is not None:
+        out.append(cmeel)
+    dirs = _multiarch_dirs()
+    system = [os.path.join(d, sub + "libopenblas.so.0")
+              for sub in ("openblas-pthread/", "openblas-openmp/", "") for d in dirs]
+    out += [p for p in system if os.path.isfile(p)][:1]
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        hits = [h for h in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so.*")))
+                if os.path.isfile(h)]
+        if hits:
+            out.append(hits[-1])
+            break
+    return out
 
-    In the module docstring's order: ``$AROPD_MLX_BLAS``, PyPI's cmeel-openblas (when its
-    libgfortran can be provided), Debian/Ubuntu OpenBLAS (pthread, then OpenMP, then the
-    plain ``libopenblas.so.0``) in the usual lib dirs, then PyPI's MKL.
+
+# Libraries find_fast_blas passed over in this process: (path, why); ensure_fast_blas says so.
+SKIPPED: list[tuple[str, str]] = []
+
+
+def find_fast_blas() -> str | None:
+    """Path of a fast BLAS present on this Linux machine that runs on its CPU, or None
+    (always None on macOS).
+
+    ``$AROPD_MLX_BLAS`` when set (None if that file is missing or does not run here);
+    otherwise the first of :func:`_candidates` that passes :func:`runs_here`. Candidates
+    that fail are recorded in ``SKIPPED``.
     """
     if not _is_linux():
         return None
     chosen = os.environ.get(CHOICE_ENV, "").strip()
-    if chosen:
-        return chosen if os.path.isfile(chosen) else None
-    cmeel = _cmeel_openblas()
-    if cmeel and blas_library_path(cmeel) is not None:
-        return cmeel
-    dirs = _multiarch_dirs()
-    for sub in ("openblas-pthread/", "openblas-openmp/", ""):
-        for d in dirs:
-            path = os.path.join(d, sub + "libopenblas.so.0")
-            if os.path.isfile(path):
-                return path
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        hits = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so.*")))
-        hits = [h for h in hits if os.path.isfile(h)]
-        if hits:
-            return hits[-1]
+    candidates = ([chosen] if os.path.isfile(chosen) else []) if chosen else _candidates()
+    for path in candidates:
+        ok, why = runs_here(path)
+        if ok:
+            return path
+        if (path, why) not in SKIPPED:
+            SKIPPED.append((path, why))
     return None
+
+
+# Run in a child: load the library and multiply two 128 x 128 matrices of ones into C = 2
+# with beta 0.5 (every entry must be 129); its exit says whether the library runs here.
+_PROBE_CODE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+n = 128
+M = ctypes.c_float * (n * n)
+a, b, c = M(*[1.0] * (n * n)), M(*[1.0] * (n * n)), M(*[2.0] * (n * n))
+f = lib.cblas_sgemm
+f.restype = None
+f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, M, ctypes.c_int, M, ctypes.c_int,
+                                   ctypes.c_float, M, ctypes.c_int]
+f(101, 111, 111, n, n, n, 1.0, a, n, b, n, 0.5, c, n)
+bad = sum(1 for x in c if x != n + 1.0)
+sys.exit(f"{bad} of {n * n} entries wrong" if bad else 0)
+"""
+
+
+def _cpu_signature() -> str:
+    """What decides which instructions run here: the CPU's model name and flags."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            rows = [line for line in fh if line.startswith(("model name", "flags"))]
+    except OSError:
+        rows = []
+    return _platform.machine() + "".join(sorted(set(rows)))
+
+
+def _probe_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        ident = path
+    return hashlib.sha1(f"{ident}|{_cpu_signature()}".encode()).hexdigest()[:16]
+
+
+def _probe_cache() -> str:
+    return os.path.join(_cache_home(), "aropd-mlx", "blas-probe.json")
+
+
+def probe_blas(path: str) -> tuple[bool, str]:
+    """Run :data:`_PROBE_CODE` on `path` in a child process: (runs, why not)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", MARKER_ENV)}
+    extra = blas_library_path(path)
+    if extra:
+        env["LD_LIBRARY_PATH"] = ":".join(extra + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, path], env=env,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"its test multiplication did not finish ({exc.__class__.__name__})"
+    if proc.returncode == 0:
+        return True, ""
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        hint = " (built for instructions this CPU lacks)" if name == "SIGILL" else ""
+        return False, f"a test multiplication was killed by {name}{hint}"
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return False, f"a test multiplication failed: {last}"
+
+
+def runs_here(path: str) -> tuple[bool, str]:
+    """(True, "") if the BLAS at `path` multiplies correctly on this CPU, else (False, why).
+    The verdict is cached per library file and CPU (a child process costs ~0.1 s)."""
+    key = _probe_key(path)
+    cache = _probe_cache()
+    try:
+        with open(cache) as fh:
+            known = json.load(fh)
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), list) and len(known[key]) == 2:
+        return bool(known[key][0]), str(known[key][1])
+    ok, why = probe_blas(path)
+    known = known if isinstance(known, dict) else {}
+    known[key] = [ok, why]
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(known, fh)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # no cache: probe again next time
+    return ok, why
 
 
 def blas_library_path(path: str) -> list[str] | None:
@@ -291,6 +406,8 @@ def _say(msg: str) -> None:
 def install_hint() -> str:
     """The command that installs a fast BLAS here."""
     debian = os.path.exists("/etc/debian_version")
+    if any("cmeel.prefix" in p for p, _ in SKIPPED):  # pip's does not run on this CPU
+        return APT_HINT if debian else "a system OpenBLAS (Debian/Ubuntu: " + APT_HINT + ")"
     if debian:
         return f"{PIP_HINT} (or: {APT_HINT})"
     return f"{PIP_HINT} (Debian/Ubuntu: {APT_HINT})"
@@ -344,6 +461,9 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
             _say(_info_line(active))
         return
     path = find_fast_blas()
+    if path is None or not quiet:
+        for skipped, why in SKIPPED:
+            _say(f"not using {skipped}: {why}")
     if path is None:
         os.environ[MARKER_ENV] = "missing"
         _say("no fast BLAS found: MLX's CPU backend will use its slow reference BLAS "
@@ -383,6 +503,7 @@ def blas_fix_status() -> str:
     if active:
         return f"active ({blas_name(active)} via LD_PRELOAD)"
     found = find_fast_blas()
+    skipped = "".join(f"; {p} skipped: {why}" for p, why in SKIPPED)
     if found is None:
-        return f"unavailable: no fast BLAS found; install: {install_hint()}"
-    return f"inactive ({found} present but not preloaded in this process)"
+        return f"unavailable: no fast BLAS that runs here{skipped}; install: {install_hint()}"
+    return f"inactive ({found} present but not preloaded in this process){skipped}"

@@ -123,6 +123,7 @@ def test_missing_blas_warns_once_with_install_command(monkeypatch, capsys):
     monkeypatch.setattr(plat.sys, "platform", "linux")
     monkeypatch.setattr(plat, "find_fast_blas", lambda: None)
     monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)
+    monkeypatch.setattr(plat, "SKIPPED", [])
     for name in (plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(plat.QUIET_ENV, "1")  # quiet never hides the warning
@@ -203,8 +204,11 @@ print([p for p in dict.fromkeys(libs) if 'gfortran' in p or 'blas' in p.lower()]
 """
 
 
+CMEEL_RUNS = CMEEL is not None and plat.runs_here(CMEEL)[0]
+
+
 @needs_linux
-@pytest.mark.skipif(CMEEL is None, reason="cmeel-openblas (a Linux dependency) not installed")
+@pytest.mark.skipif(not CMEEL_RUNS, reason="cmeel-openblas not installed or not built for this CPU")
 def test_pip_openblas_is_first_and_needs_no_system_library():
     """A bare machine has no libopenblas and no libgfortran: cmeel's OpenBLAS must run on
     mlx-cpu's own libgfortran, whatever the system has, and be chosen before a system BLAS."""
@@ -221,6 +225,7 @@ def test_pip_openblas_is_first_and_needs_no_system_library():
 
 def test_blas_order_and_override(monkeypatch, tmp_path):
     monkeypatch.setattr(plat.sys, "platform", "linux")
+    monkeypatch.setattr(plat, "runs_here", lambda path: (True, ""))
     monkeypatch.delenv(plat.CHOICE_ENV, raising=False)
     pip_blas = str(tmp_path / "cmeel.prefix" / "lib" / "libopenblas.so.0")
     monkeypatch.setattr(plat, "_cmeel_openblas", lambda: pip_blas)
@@ -241,7 +246,7 @@ def test_blas_order_and_override(monkeypatch, tmp_path):
 
 
 @needs_linux
-@pytest.mark.skipif(CMEEL is None, reason="cmeel-openblas (a Linux dependency) not installed")
+@needs_fast
 def test_shell_exports_run_a_shell_on_the_fast_blas():
     exports = subprocess.run([sys.executable, "-c", "from aropd_mlx.platform import "
                               "shell_exports; print(shell_exports(), end='')"], env=_env(),
@@ -251,4 +256,94 @@ def test_shell_exports_run_a_shell_on_the_fast_blas():
         "from aropd_mlx.platform import loaded_blas; print(loaded_blas())")
     out = subprocess.run(["bash", "-c", script], env=_env(**{plat.OPT_OUT_ENV: "1"}),
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == f"OpenBLAS ({CMEEL})"
+    assert out.strip() == f"{plat.blas_name(FAST)} ({FAST})"
+
+
+# --- a BLAS built for instructions this CPU lacks (cmeel-openblas 0.3.31 is a SKYLAKEX build)
+
+def _corename(path: str) -> str:
+    """OpenBLAS's build target, read in a child (naming it runs no kernel)."""
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
+            "lib.openblas_get_corename.restype = ctypes.c_char_p; "
+            "print(lib.openblas_get_corename().decode())")
+    env = plat.blas_env(path, _env())
+    env.pop("LD_PRELOAD")
+    return subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as fh:
+        return {f for line in fh if line.startswith("flags") for f in line.split(":")[1].split()}
+
+
+@needs_linux
+@pytest.mark.skipif(CMEEL is None, reason="cmeel-openblas (a Linux dependency) not installed")
+def test_the_probe_verdict_on_pip_openblas_follows_its_target_and_this_cpu():
+    """Independent of the probe: an AVX-512 target (SKYLAKEX, COOPERLAKE, SAPPHIRERAPIDS)
+    runs exactly where the CPU has avx512f; Haswell/Zen targets need avx2."""
+    target = _corename(CMEEL).upper()
+    flags = _cpu_flags()
+    needs = ("avx512f" if target in ("SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS") else
+             "avx2" if target in ("HASWELL", "ZEN") else None)
+    if needs is None:
+        pytest.skip(f"no known instruction need for target {target}")
+    ok, why = plat.probe_blas(CMEEL)
+    assert ok == (needs in flags), (target, why)
+    if not ok:
+        assert "SIGILL" in why
+        assert (CMEEL, why) in plat.SKIPPED or plat.find_fast_blas() != CMEEL
+
+
+def test_probe_reports_a_library_that_does_not_load_or_kills_its_process(monkeypatch, tmp_path):
+    empty = tmp_path / "libempty.so"
+    empty.write_bytes(b"")
+    ok, why = plat.probe_blas(str(empty))
+    assert not ok and "failed" in why and "OSError" in why
+    monkeypatch.setattr(plat, "_PROBE_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    ok, why = plat.probe_blas(str(empty))
+    assert not ok and "killed by SIGILL" in why and "instructions this CPU lacks" in why
+    monkeypatch.setattr(plat, "_PROBE_CODE", "import sys; sys.exit('3 of 9 entries wrong')")
+    assert plat.probe_blas(str(empty)) == (False, "a test multiplication failed: 3 of 9 entries wrong")
+
+
+@needs_linux
+@needs_fast
+def test_probe_multiplies_correctly_on_the_blas_in_use():
+    assert plat.probe_blas(FAST) == (True, "")
+
+
+def test_probe_verdicts_are_cached_per_library_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"x")
+    calls = []
+    monkeypatch.setattr(plat, "probe_blas", lambda p: calls.append(p) or (False, "why"))
+    assert plat.runs_here(str(lib)) == (False, "why")
+    assert plat.runs_here(str(lib)) == (False, "why") and len(calls) == 1  # cached
+    monkeypatch.setattr(plat, "_cpu_signature", lambda: "another cpu")
+    assert plat.runs_here(str(lib)) == (False, "why") and len(calls) == 2  # probed again
+    lib.write_bytes(b"another build")
+    plat.runs_here(str(lib))
+    assert len(calls) == 3
+
+
+def test_a_blas_that_does_not_run_here_is_passed_over_with_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(plat.sys, "platform", "linux")
+    for name in (plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV, plat.CHOICE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    pip_blas, system = "/p/cmeel.prefix/lib/libopenblas.so.0", "/usr/lib/libopenblas.so.0"
+    monkeypatch.setattr(plat, "SKIPPED", [])
+    monkeypatch.setattr(plat, "_candidates", lambda: [pip_blas, system])
+    monkeypatch.setattr(plat, "runs_here", lambda p: (p == system, "" if p == system else "SIGILL"))
+    assert plat.find_fast_blas() == system
+    assert plat.find_fast_blas() == system and plat.SKIPPED == [(pip_blas, "SIGILL")]
+    assert "skipped: SIGILL" in plat.blas_fix_status()
+    # Nothing else runs here: one warning, naming the library, why, and a system OpenBLAS.
+    monkeypatch.setattr(plat, "_candidates", lambda: [pip_blas])
+    monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)
+    plat.ensure_fast_blas()
+    err = capsys.readouterr().err
+    assert err.count(f"not using {pip_blas}: SIGILL") == 1
+    assert "no fast BLAS found" in err and "libopenblas0-pthread" in err
+    assert "pip install cmeel-openblas" not in err

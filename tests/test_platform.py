@@ -336,12 +336,12 @@ def test_a_blas_that_does_not_run_here_is_passed_over_with_one_line(monkeypatch,
     monkeypatch.setattr(plat, "SKIPPED", [])
     monkeypatch.setattr(plat, "_candidates", lambda: [pip_blas, system])
     monkeypatch.setattr(plat, "runs_here", lambda p: (p == system, "" if p == system else "SIGILL"))
+    monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)  # as if nothing preloaded
     assert plat.find_fast_blas() == system
     assert plat.find_fast_blas() == system and plat.SKIPPED == [(pip_blas, "SIGILL")]
     assert "skipped: SIGILL" in plat.blas_fix_status()
     # Nothing else runs here: one warning, naming the library, why, and a system OpenBLAS.
     monkeypatch.setattr(plat, "_candidates", lambda: [pip_blas])
-    monkeypatch.setattr(plat, "_active_fast_blas", lambda: None)
     plat.ensure_fast_blas()
     err = capsys.readouterr().err
     assert err.count(f"not using {pip_blas}: SIGILL") == 1

@@ -18,7 +18,7 @@ Which BLAS, in this fixed order (the first one present that runs here wins):
 "Runs here": a library is built for some set of CPU instructions, and PyPI's cmeel-openblas
 is not a multi-target build (0.3.31 is OpenBLAS's SKYLAKEX target: AVX-512; 0.3.29 was ZEN):
 on a CPU without them every matmul dies with SIGILL. So each candidate first multiplies two
-small matrices in a child process (:func:`runs_here`); the verdict is cached per library
+small matrices in a child process (blas_probe.py); the verdict is cached per library
 file and CPU, and a library that fails is skipped with one line saying why.
 
 Environment variables:
@@ -33,12 +33,12 @@ from __future__ import annotations
 import ctypes
 import glob
 import hashlib
-import json
 import os
 import platform as _platform
-import signal
-import subprocess
 import sys
+
+from aropd_mlx import blas_probe
+from aropd_mlx.blas_probe import cache_home
 
 OPT_OUT_ENV = "AROPD_MLX_NO_BLAS_FIX"
 QUIET_ENV = "AROPD_MLX_QUIET"
@@ -119,10 +119,6 @@ def _mlx_cpu_gfortran() -> tuple[str, str] | None:
     return None
 
 
-def _cache_home() -> str:
-    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-
-
 def _link(target: str, link: str) -> None:
     """`link` -> `target`, replaced atomically (concurrent starts race harmlessly)."""
     if os.path.islink(link) and os.readlink(link) == target:
@@ -144,7 +140,7 @@ def _gfortran_links() -> str | None:
         return None
     gfortran, quadmath = found
     key = hashlib.sha1(os.path.dirname(gfortran).encode()).hexdigest()[:10]
-    for base in (_cache_home(), os.path.join("/tmp", f"aropd-mlx-{os.getuid()}")):
+    for base in (cache_home(), os.path.join("/tmp", f"aropd-mlx-{os.getuid()}")):
         folder = os.path.join(base, "aropd-mlx", f"blas-libs-{key}")
         try:
             os.makedirs(folder, exist_ok=True)
@@ -200,95 +196,9 @@ def find_fast_blas() -> str | None:
     return None
 
 
-# Run in a child: load the library and multiply two 128 x 128 matrices of ones into C = 2
-# with beta 0.5 (every entry must be 129); its exit says whether the library runs here.
-_PROBE_CODE = """
-import ctypes, sys
-lib = ctypes.CDLL(sys.argv[1])
-n = 128
-M = ctypes.c_float * (n * n)
-a, b, c = M(*[1.0] * (n * n)), M(*[1.0] * (n * n)), M(*[2.0] * (n * n))
-f = lib.cblas_sgemm
-f.restype = None
-f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, M, ctypes.c_int, M, ctypes.c_int,
-                                   ctypes.c_float, M, ctypes.c_int]
-f(101, 111, 111, n, n, n, 1.0, a, n, b, n, 0.5, c, n)
-bad = sum(1 for x in c if x != n + 1.0)
-sys.exit(f"{bad} of {n * n} entries wrong" if bad else 0)
-"""
-
-
-def _cpu_signature() -> str:
-    """What decides which instructions run here: the CPU's model name and flags."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            rows = [line for line in fh if line.startswith(("model name", "flags"))]
-    except OSError:
-        rows = []
-    return _platform.machine() + "".join(sorted(set(rows)))
-
-
-def _probe_key(path: str) -> str:
-    try:
-        st = os.stat(path)
-        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        ident = path
-    return hashlib.sha1(f"{ident}|{_cpu_signature()}".encode()).hexdigest()[:16]
-
-
-def _probe_cache() -> str:
-    return os.path.join(_cache_home(), "aropd-mlx", "blas-probe.json")
-
-
-def probe_blas(path: str) -> tuple[bool, str]:
-    """Run :data:`_PROBE_CODE` on `path` in a child process: (runs, why not)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", MARKER_ENV)}
-    extra = blas_library_path(path)
-    if extra:
-        env["LD_LIBRARY_PATH"] = ":".join(extra + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
-    try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, path], env=env,
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"its test multiplication did not finish ({exc.__class__.__name__})"
-    if proc.returncode == 0:
-        return True, ""
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        hint = " (built for instructions this CPU lacks)" if name == "SIGILL" else ""
-        return False, f"a test multiplication was killed by {name}{hint}"
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return False, f"a test multiplication failed: {last}"
-
-
 def runs_here(path: str) -> tuple[bool, str]:
-    """(True, "") if the BLAS at `path` multiplies correctly on this CPU, else (False, why).
-    The verdict is cached per library file and CPU (a child process costs ~0.1 s)."""
-    key = _probe_key(path)
-    cache = _probe_cache()
-    try:
-        with open(cache) as fh:
-            known = json.load(fh)
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), list) and len(known[key]) == 2:
-        return bool(known[key][0]), str(known[key][1])
-    ok, why = probe_blas(path)
-    known = known if isinstance(known, dict) else {}
-    known[key] = [ok, why]
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(known, fh)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # no cache: probe again next time
-    return ok, why
+    """blas_probe.runs_here with the library folders `path` needs."""
+    return blas_probe.runs_here(path, blas_library_path(path) or [])
 
 
 def blas_library_path(path: str) -> list[str] | None:

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from aropd_mlx import doctor
+from aropd_mlx import blas_probe as probe
 from aropd_mlx import platform as plat
 
 LINUX = sys.platform.startswith("linux")
@@ -288,7 +289,7 @@ def test_the_probe_verdict_on_pip_openblas_follows_its_target_and_this_cpu():
              "avx2" if target in ("HASWELL", "ZEN") else None)
     if needs is None:
         pytest.skip(f"no known instruction need for target {target}")
-    ok, why = plat.probe_blas(CMEEL)
+    ok, why = probe.probe_blas(CMEEL, plat.blas_library_path(CMEEL))
     assert ok == (needs in flags), (target, why)
     if not ok:
         assert "SIGILL" in why
@@ -298,19 +299,19 @@ def test_the_probe_verdict_on_pip_openblas_follows_its_target_and_this_cpu():
 def test_probe_reports_a_library_that_does_not_load_or_kills_its_process(monkeypatch, tmp_path):
     empty = tmp_path / "libempty.so"
     empty.write_bytes(b"")
-    ok, why = plat.probe_blas(str(empty))
+    ok, why = probe.probe_blas(str(empty))
     assert not ok and "failed" in why and "OSError" in why
-    monkeypatch.setattr(plat, "_PROBE_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
-    ok, why = plat.probe_blas(str(empty))
+    monkeypatch.setattr(probe, "_PROBE_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    ok, why = probe.probe_blas(str(empty))
     assert not ok and "killed by SIGILL" in why and "instructions this CPU lacks" in why
-    monkeypatch.setattr(plat, "_PROBE_CODE", "import sys; sys.exit('3 of 9 entries wrong')")
-    assert plat.probe_blas(str(empty)) == (False, "a test multiplication failed: 3 of 9 entries wrong")
+    monkeypatch.setattr(probe, "_PROBE_CODE", "import sys; sys.exit('3 of 9 entries wrong')")
+    assert probe.probe_blas(str(empty)) == (False, "a test multiplication failed: 3 of 9 entries wrong")
 
 
 @needs_linux
 @needs_fast
 def test_probe_multiplies_correctly_on_the_blas_in_use():
-    assert plat.probe_blas(FAST) == (True, "")
+    assert probe.probe_blas(FAST, plat.blas_library_path(FAST)) == (True, "")
 
 
 def test_probe_verdicts_are_cached_per_library_and_cpu(monkeypatch, tmp_path):
@@ -318,13 +319,13 @@ def test_probe_verdicts_are_cached_per_library_and_cpu(monkeypatch, tmp_path):
     lib = tmp_path / "libx.so"
     lib.write_bytes(b"x")
     calls = []
-    monkeypatch.setattr(plat, "probe_blas", lambda p: calls.append(p) or (False, "why"))
-    assert plat.runs_here(str(lib)) == (False, "why")
-    assert plat.runs_here(str(lib)) == (False, "why") and len(calls) == 1  # cached
-    monkeypatch.setattr(plat, "_cpu_signature", lambda: "another cpu")
-    assert plat.runs_here(str(lib)) == (False, "why") and len(calls) == 2  # probed again
+    monkeypatch.setattr(probe, "probe_blas", lambda p, dirs: calls.append(p) or (False, "why"))
+    assert probe.runs_here(str(lib)) == (False, "why")
+    assert probe.runs_here(str(lib)) == (False, "why") and len(calls) == 1  # cached
+    monkeypatch.setattr(probe, "_cpu_signature", lambda: "another cpu")
+    assert probe.runs_here(str(lib)) == (False, "why") and len(calls) == 2  # probed again
     lib.write_bytes(b"another build")
-    plat.runs_here(str(lib))
+    probe.runs_here(str(lib))
     assert len(calls) == 3
 
 

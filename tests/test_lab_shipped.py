@@ -251,6 +251,39 @@ def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
         replace(base, warm_student_schedule=((3, 0),))
 
 
+def test_mixed_curriculum_runs_each_all_views_phase_on_its_lengths(tmp_path):
+    """warm_mixed_schedule: the all-views warm start as (steps, k limit) phases in order after
+    the student ones, each on problems up to its limit and named in the progress lines; the
+    key of a lab without it is unchanged; with warm_steps set too it is one clear error."""
+    import json
+
+    from aropd_mlx.lab.defaults import settings_from
+
+    base = replace(SMALL, k_max=3, eval_ks=(1, 3), n_train=96)
+    assert replace(base, warm_mixed_schedule=()).key() == base.key()
+    cur = replace(base, warm_steps=0, warm_mixed_schedule=((3, 1), (2, 5)))
+    assert cur.key() != replace(base, warm_steps=0).key()
+    assert settings_from(json.loads(json.dumps({"warm_mixed_schedule": [[3, 1], [2, 5]],
+                                                "warm_steps": 0}))
+                         ).warm_mixed_schedule == ((3, 1), (2, 5))
+    seen = []
+    lab = prepare_lab(cur, root=tmp_path / "cur", on_step=seen.append)
+    assert [(l["phase"], l["phase_steps"]) for l in seen] == (
+        [("all views, k <= 1", 3)] * 3 + [("all views, k <= 3", 2)] * 2)  # the limit is capped
+    assert not (lab.root / "warm_run").exists()
+    longest = lambda k: len(task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
+    lengths = {}
+    for name, steps, k in (("warm_run_mixed_1", 3, 1), ("warm_run_mixed_2", 2, 3)):
+        rows = (lab.root / name / "metrics.jsonl").read_text().splitlines()
+        lengths[name] = [json.loads(l)["response_len_max"] for l in rows]
+        assert len(rows) == steps and max(lengths[name]) <= longest(k)
+    assert max(lengths["warm_run_mixed_2"]) > longest(1)
+    with pytest.raises(UserError, match="replaces warm_steps"):
+        replace(base, warm_mixed_schedule=((3, 1),))
+    with pytest.raises(UserError, match=r"warm_mixed_schedule phase \[3, 0\] is not"):
+        replace(base, warm_steps=0, warm_mixed_schedule=((3, 0),))
+
+
 def test_an_interrupted_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
     """A lab build killed in its mixed phase goes on from its last checkpoint: the finished
     student phases are not trained again, and the model equals a build that was never stopped

@@ -58,15 +58,24 @@ class LabSettings:
     # width: it ends right before the response as in the student view (whose way of reading
     # it then serves every view), and the reference keeps a fixed distance (docs/LAB.md, s. 9)
     question_last: bool = False
+    # the mixed warm start (all views) as a curriculum too: (steps, k limit) phases run in
+    # order after the student-view ones, e.g. ((100, 6), (100, 12), (150, 40)): the partial
+    # view then learns to compute past its hint on short chains first (docs/LAB.md, session
+    # 11); empty: one phase of warm_steps over every k
+    warm_mixed_schedule: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.warm_student_schedule and self.warm_student_steps:
             raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
                             "set warm_student_steps to 0")
-        for phase in self.warm_student_schedule:
-            if (len(phase) != 2 or not all(isinstance(x, int) and x > 0 for x in phase)):
-                raise UserError(f"lab settings: warm_student_schedule phase {list(phase)} is "
-                                "not [steps, k limit] (two positive integers)")
+        if self.warm_mixed_schedule and self.warm_steps:
+            raise UserError("lab settings: warm_mixed_schedule replaces warm_steps; "
+                            "set warm_steps to 0")
+        for name in ("warm_student_schedule", "warm_mixed_schedule"):
+            for phase in getattr(self, name):
+                if (len(phase) != 2 or not all(isinstance(x, int) and x > 0 for x in phase)):
+                    raise UserError(f"lab settings: {name} phase {list(phase)} is "
+                                    "not [steps, k limit] (two positive integers)")
 
     def student_phases(self) -> list[tuple[int, int, str]]:
         """The student-view phases before the mixed warm start: (steps, k limit, run name)."""
@@ -77,6 +86,14 @@ class LabSettings:
             return [(self.warm_student_steps, self.student_view_k_max or self.k_max,
                      "warm_run_student")]
         return []
+
+    def mixed_phases(self) -> list[tuple[int, int, str, str]]:
+        """The mixed (all views) warm start's phases: (steps, k limit, run name, progress tag)."""
+        if self.warm_mixed_schedule:
+            return [(steps, min(limit, self.k_max), f"warm_run_mixed_{i + 1}",
+                     f"all views, k <= {min(limit, self.k_max)}")
+                    for i, (steps, limit) in enumerate(self.warm_mixed_schedule)]
+        return [(self.warm_steps, self.k_max, "warm_run", "all views")]
 
     def key(self) -> str:
         values = asdict(self)
@@ -93,7 +110,7 @@ class LabSettings:
 
 # Fields added after labs were built and shipped, at the values that leave a lab as it was
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
-LATER_FIELDS = {"warm_student_schedule": (), "question_last": False}
+LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": ()}
 
 
 def without_neutral_later_fields(values: dict) -> dict:
@@ -189,8 +206,9 @@ def settings_from(values: dict) -> LabSettings:
     for key in ("eval_ks", "warm_view_mix", "warm_hint_styles"):
         if key in values:
             values[key] = tuple(values[key])
-    if "warm_student_schedule" in values:
-        values["warm_student_schedule"] = tuple(tuple(p) for p in values["warm_student_schedule"])
+    for key in ("warm_student_schedule", "warm_mixed_schedule"):
+        if key in values:
+            values[key] = tuple(tuple(p) for p in values[key])
     for style in values.get("warm_hint_styles", ()):  # an unknown style stops here, not mid-build
         task.reference_variant({"question": "Q:1+2", "solution": "1+2=3", "answer": "3"},
                                style, random.Random(0))

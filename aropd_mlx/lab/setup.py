@@ -133,14 +133,12 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     overrides = {
         **view_overrides(settings.k_max, settings.question_last),
         "model.path": str(init_dir), "model.fine_tune_type": "full",
-        "train.method": "sft", "train.steps": settings.warm_steps, "train.batch_size": settings.warm_batch,
+        "train.method": "sft", "train.batch_size": settings.warm_batch,
         "train.learning_rate": settings.warm_lr, "train.min_lr_ratio": 0.1, "train.grad_clip": 1.0,
         "train.warmup_steps": 20, "train.sft_view_mix": list(settings.warm_view_mix),
         "train.save_every": WARM_SAVE_EVERY, "train.seed": settings.seed,
-        "out": str(root / "warm_run"),
     }
-    cfg = load_config(overrides=overrides)
-    model, tokenizer = load_student(cfg.model)
+    model, tokenizer = load_student(load_config(overrides=overrides).model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
     for steps, limit, name in settings.student_phases():  # the student view alone first
         short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
@@ -150,9 +148,12 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
         # an interrupted build goes on from its last checkpoint (a finished phase: its weights)
         train(phase, model, tokenizer, short, teacher=Teacher("frozen"),
               on_step=_tagged(on_step, f"student view, k <= {limit}", steps), resume=True)
-    train(cfg, model, tokenizer, examples, teacher=Teacher("frozen"),
-          on_step=_tagged(on_step, "all views", settings.warm_steps),
-          encoder=warm_encoder(settings, cfg, tokenizer), resume=True)
+    for steps, limit, name, tag in settings.mixed_phases():  # then all views
+        short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
+        phase = load_config(overrides={**overrides, "train.steps": steps, "out": str(root / name)})
+        train(phase, model, tokenizer, short, teacher=Teacher("frozen"),
+              on_step=_tagged(on_step, tag, steps),
+              encoder=warm_encoder(settings, phase, tokenizer), resume=True)
     out = root / "model.tmp"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(init_dir, out)

@@ -222,6 +222,20 @@ def test_student_first_warm_start_trains_the_student_view_on_short_problems_firs
     assert any(not np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
 
 
+def assert_phases_on_their_lengths(lab, phases):
+    """Each (run name, steps, k limit) phase logged `steps` steps, none with a response longer
+    than the oracle's at its limit (+ EOS), and the last saw longer ones than the first."""
+    import json
+
+    longest = lambda k: len(task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
+    lengths = []
+    for name, steps, k in phases:
+        rows = (lab.root / name / "metrics.jsonl").read_text().splitlines()
+        lengths.append([json.loads(l)["response_len_max"] for l in rows])
+        assert len(rows) == steps and max(lengths[-1]) <= longest(k)
+    assert max(lengths[-1]) > longest(phases[0][2])
+
+
 def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
     """warm_student_schedule: student-view phases of (steps, k limit) in order, each on
     problems up to its limit (the longest oracle response of a phase's steps bounds the k it
@@ -238,13 +252,7 @@ def test_student_curriculum_runs_each_phase_on_its_lengths(tmp_path):
                                                 "warm_student_steps": 0}))
                          ).warm_student_schedule == ((3, 1), (2, 3))
     lab = prepare_lab(cur, root=tmp_path / "cur")
-    longest = lambda k: len(task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
-    lengths = {}
-    for name, steps, k in (("warm_run_student_1", 3, 1), ("warm_run_student_2", 2, 3)):
-        rows = (lab.root / name / "metrics.jsonl").read_text().splitlines()
-        lengths[name] = [json.loads(l)["response_len_max"] for l in rows]
-        assert len(rows) == steps and max(lengths[name]) <= longest(k)
-    assert max(lengths["warm_run_student_2"]) > longest(1)  # the second phase saw longer ones
+    assert_phases_on_their_lengths(lab, (("warm_run_student_1", 3, 1), ("warm_run_student_2", 2, 3)))
     with pytest.raises(UserError, match="replaces warm_student_steps"):
         replace(base, warm_student_steps=5, warm_student_schedule=((3, 1),))
     with pytest.raises(UserError, match=r"not \[steps, k limit\]"):
@@ -271,13 +279,7 @@ def test_mixed_curriculum_runs_each_all_views_phase_on_its_lengths(tmp_path):
     assert [(l["phase"], l["phase_steps"]) for l in seen] == (
         [("all views, k <= 1", 3)] * 3 + [("all views, k <= 3", 2)] * 2)  # the limit is capped
     assert not (lab.root / "warm_run").exists()
-    longest = lambda k: len(task.format_response(["1+2=3"] * k, "3")) + 1  # + EOS
-    lengths = {}
-    for name, steps, k in (("warm_run_mixed_1", 3, 1), ("warm_run_mixed_2", 2, 3)):
-        rows = (lab.root / name / "metrics.jsonl").read_text().splitlines()
-        lengths[name] = [json.loads(l)["response_len_max"] for l in rows]
-        assert len(rows) == steps and max(lengths[name]) <= longest(k)
-    assert max(lengths["warm_run_mixed_2"]) > longest(1)
+    assert_phases_on_their_lengths(lab, (("warm_run_mixed_1", 3, 1), ("warm_run_mixed_2", 2, 3)))
     with pytest.raises(UserError, match="replaces warm_steps"):
         replace(base, warm_mixed_schedule=((3, 1),))
     with pytest.raises(UserError, match=r"warm_mixed_schedule phase \[3, 0\] is not"):

@@ -140,20 +140,19 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     }
     model, tokenizer = load_student(load_config(overrides=overrides).model)
     examples = load_examples(str(root / "train.jsonl"), need=("question", "solution", "answer"))
-    for steps, limit, name in settings.student_phases():  # the student view alone first
+    # the student view alone first, then all views; each phase on problems up to its k limit
+    phases = [(steps, limit, name, f"student view, k <= {limit}", False)
+              for steps, limit, name in settings.student_phases()]
+    phases += [(*phase, True) for phase in settings.mixed_phases()]
+    for steps, limit, name, tag, all_views in phases:
         short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
         phase = load_config(overrides={
-            **overrides, "train.steps": steps,
-            "train.sft_view_mix": [1.0, 0.0, 0.0], "out": str(root / name)})
+            **overrides, "train.steps": steps, "out": str(root / name),
+            **({} if all_views else {"train.sft_view_mix": [1.0, 0.0, 0.0]})})
         # an interrupted build goes on from its last checkpoint (a finished phase: its weights)
         train(phase, model, tokenizer, short, teacher=Teacher("frozen"),
-              on_step=_tagged(on_step, f"student view, k <= {limit}", steps), resume=True)
-    for steps, limit, name, tag in settings.mixed_phases():  # then all views
-        short = [e for e in examples if len(task.parse_question(e.question)[1]) <= limit]
-        phase = load_config(overrides={**overrides, "train.steps": steps, "out": str(root / name)})
-        train(phase, model, tokenizer, short, teacher=Teacher("frozen"),
-              on_step=_tagged(on_step, tag, steps),
-              encoder=warm_encoder(settings, phase, tokenizer), resume=True)
+              on_step=_tagged(on_step, tag, steps), resume=True,
+              encoder=warm_encoder(settings, phase, tokenizer) if all_views else None)
     out = root / "model.tmp"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(init_dir, out)

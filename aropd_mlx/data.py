@@ -2,6 +2,7 @@
 files of a spec and reading their rows, format by format, is sources.py.
 
 An example is {"id": "...", "question": "...", "solution": "<oracle reasoning>", "answer": "..."}
+(and optionally "outline": public lines aligned with the solution's, see views.partial_outline)
 (`id` optional). `--data` reads it from:
 - a file: JSONL (`.jsonl`, and anything without a known suffix), JSON (`.json`: a list of
   objects, `{"data": [...]}`, `{"train": [...], "test": [...]}` by split, or JSON Lines under a
@@ -64,10 +65,16 @@ class Example:
     question: str
     solution: str | None = None
     answer: str | None = None
+    # Optional public outline of the solution, one line per solution line (what each step is to
+    # do, nothing it finds): views.partial_outline shows it past the anchor's cut
+    outline: str | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "question": self.question, "solution": self.solution,
-                "answer": self.answer}
+        out = {"id": self.id, "question": self.question, "solution": self.solution,
+               "answer": self.answer}
+        if self.outline is not None:
+            out["outline"] = self.outline
+        return out
 
 
 # ------------------------------------------------------------------------------- sources
@@ -174,6 +181,8 @@ def parse_row(obj, where: str, need: tuple[str, ...], index: int,
             raise UserError(f"field {name!r} is empty", where=where)
     id_key = columns.get("id", "id")
     ex_id = obj.get(id_key)
+    if obj.get("outline") is not None:
+        fields["outline"] = _text(obj["outline"], "outline", where)
     return Example(id=str(index if ex_id is None else ex_id), **fields)
 
 

@@ -54,6 +54,10 @@ class ViewSettings:
     # many characters (0: off): with the question last in privileged_template, the question
     # then ends where the student's does and the reference still sits at a fixed distance.
     pad_question_chars: int = 0
+    # Past its cut, the partial view's reference shows the example's `outline` lines (public:
+    # what each remaining step is to do, e.g. the question's operation restated where the
+    # reference's line would be), so the anchor computes its second half in place (LAB.md s. 12)
+    partial_outline: bool = False
     use_chat_template: bool = True
     system_prompt: str | None = None
     # Extra variables of the chat template, the same for every view: {enable_thinking: false}
@@ -123,6 +127,14 @@ def partial_reference(solution: str, ratio: float) -> str:
     return solution[:cut].rstrip()
 
 
+def outlined(reference: str, outline: str | None) -> str:
+    """`reference` (a cut of the solution) continued by the outline's lines past its own."""
+    if not outline:
+        return reference
+    lines = reference.split("\n") if reference else []
+    return "\n".join(lines + outline.split("\n")[len(lines):])
+
+
 def _pad(reference: str, settings: ViewSettings) -> str:
     if not settings.pad_reference_lines:
         return reference
@@ -141,7 +153,10 @@ def render_views(example, settings: ViewSettings) -> dict[str, str]:
     if settings.pad_question_chars:  # validate(): pad_line is set then
         question = question.rjust(settings.pad_question_chars, settings.pad_line[0])
     for name, ratio in (("partial", settings.partial_ratio), ("full", 1.0)):
-        reference = _pad(partial_reference(example.solution, ratio), settings)
+        reference = partial_reference(example.solution, ratio)
+        if settings.partial_outline and name == "partial":
+            reference = outlined(reference, getattr(example, "outline", None))
+        reference = _pad(reference, settings)
         out[name] = settings.privileged_template.format(
             question=question, reference=reference, answer=example.answer)
     return out

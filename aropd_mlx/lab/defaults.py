@@ -63,6 +63,10 @@ class LabSettings:
     # view then learns to compute past its hint on short chains first (docs/LAB.md, session
     # 11); empty: one phase of warm_steps over every k
     warm_mixed_schedule: tuple[tuple[int, int], ...] = ()
+    # the partial view's reference continues past its cut with each remaining step's operation
+    # restated in place (task.outline; public, nothing solved): the anchor then computes its
+    # second half without searching the question for step j (docs/LAB.md, session 12)
+    partial_outline: bool = False
 
     def __post_init__(self):
         if self.warm_student_schedule and self.warm_student_steps:
@@ -110,7 +114,8 @@ class LabSettings:
 
 # Fields added after labs were built and shipped, at the values that leave a lab as it was
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
-LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": ()}
+LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
+                "partial_outline": False}
 
 
 def without_neutral_later_fields(values: dict) -> dict:
@@ -118,11 +123,14 @@ def without_neutral_later_fields(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
-def view_overrides(k_max: int, question_last: bool = False) -> dict:
+def view_overrides(k_max: int, question_last: bool = False,
+                   partial_outline: bool = False) -> dict:
     """The lab's views: the reference is padded to k_max lines so that reference line i sits at
     a fixed distance from response line i, which a tiny model can learn to align (LAB.md).
     `question_last` (LabSettings): the question after the reference and the answer, padded on
-    the left to the width of a k_max question, so the reference's distance stays fixed."""
+    the left to the width of a k_max question, so the reference's distance stays fixed.
+    `partial_outline` (LabSettings): the partial view's reference continues with the examples'
+    outlines past its cut."""
     layout = ({"views.privileged_template": "{reference}\nA:{answer}\n{question}",
                "views.pad_question_chars": len(task.format_question(0, [("+", 0)] * k_max))}
               if question_last else
@@ -134,6 +142,7 @@ def view_overrides(k_max: int, question_last: bool = False) -> dict:
         "views.pad_reference_lines": k_max,
         "views.pad_line": ".....",
         "views.use_chat_template": True,
+        **({"views.partial_outline": True} if partial_outline else {}),
     }
 
 
@@ -175,7 +184,7 @@ def lab_overrides(lab) -> dict:
     return {"model.path": str(lab.model_path), "data.train": str(lab.train_path),
             "data.eval": str(lab.eval_path), "data.max_prompt_tokens": LAB_MAX_PROMPT_TOKENS,
             "rollout.max_new_tokens": lab_max_new_tokens(k_max),
-            **view_overrides(k_max, lab.settings.question_last)}
+            **view_overrides(k_max, lab.settings.question_last, lab.settings.partial_outline)}
 
 
 def lab_preset(lab, cfg=None) -> dict:

@@ -65,13 +65,14 @@ def eval_examples(settings: LabSettings) -> list[dict]:
     import random
 
     rng = random.Random(10_000 + settings.seed)
-    return [task.make_example(rng, k, id=f"eval-k{k}-{i}")
+    return [task.make_example(rng, k, id=f"eval-k{k}-{i}", with_outline=settings.partial_outline)
             for k in settings.eval_ks for i in range(settings.n_eval_per_k)]
 
 
 def write_data(settings: LabSettings, root: Path) -> None:
-    write_examples(root / "train.jsonl", task.generate(settings.n_train, settings.k_min,
-                                                       settings.k_max, seed=settings.seed))
+    write_examples(root / "train.jsonl", task.generate(
+        settings.n_train, settings.k_min, settings.k_max, seed=settings.seed,
+        with_outline=settings.partial_outline))
     write_examples(root / "eval.jsonl", eval_examples(settings))
 
 
@@ -131,7 +132,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
 
     init_dir = build_tiny_model(root / "init", settings.spec)
     overrides = {
-        **view_overrides(settings.k_max, settings.question_last),
+        **view_overrides(settings.k_max, settings.question_last, settings.partial_outline),
         "model.path": str(init_dir), "model.fine_tune_type": "full",
         "train.method": "sft", "train.batch_size": settings.warm_batch,
         "train.learning_rate": settings.warm_lr, "train.min_lr_ratio": 0.1, "train.grad_clip": 1.0,

@@ -153,7 +153,15 @@ def format_response(steps: list[str], answer: str) -> str:
     return "\n".join([*steps, f"{ANSWER_PREFIX}{answer}"])
 
 
-def make_example(rng: random.Random, k: int, *, id: str | None = None) -> dict:
+def outline(question: str) -> str:
+    """Each step's operation restated where its solution line sits (``".+5=."``: the
+    operator and operand in their columns, the values left as dots): public, nothing solved.
+    ``outline("Q:7+5*3") == ".+5=.\n.*3=."``."""
+    return "\n".join(f".{op}{b}=." for op, b in parse_question(question)[1])
+
+
+def make_example(rng: random.Random, k: int, *, id: str | None = None,
+                 with_outline: bool = False) -> dict:
     """One example in the data schema with k operations drawn from `rng`.
 
     The start digit is uniform in 0-9; each operator is uniform over ``OPS``, then its
@@ -169,15 +177,19 @@ def make_example(rng: random.Random, k: int, *, id: str | None = None) -> dict:
         ops.append((op, rng.choice(OPS[op])))
     question = format_question(start, ops)
     steps, answer = solve(question)
-    return {
+    out = {
         "id": id if id is not None else "lab-" + question[len(QUESTION_PREFIX):],
         "question": question,
         "solution": "\n".join(steps),
         "answer": answer,
     }
+    if with_outline:  # the schema's optional outline (views.partial_outline)
+        out["outline"] = outline(question)
+    return out
 
 
-def generate(n: int, k_min: int, k_max: int, seed: int, *, prefix: str = "lab") -> list[dict]:
+def generate(n: int, k_min: int, k_max: int, seed: int, *, prefix: str = "lab",
+             with_outline: bool = False) -> list[dict]:
     """n examples, deterministic in `seed`; each k uniform in [k_min, k_max].
 
     Ids are ``f"{prefix}-{seed}-{i}"``, so two sets drawn with different seeds never share
@@ -191,7 +203,7 @@ def generate(n: int, k_min: int, k_max: int, seed: int, *, prefix: str = "lab") 
     out = []
     for i in range(n):
         k = rng.randint(k_min, k_max)
-        out.append(make_example(rng, k, id=f"{prefix}-{seed}-{i}"))
+        out.append(make_example(rng, k, id=f"{prefix}-{seed}-{i}", with_outline=with_outline))
     return out
 
 

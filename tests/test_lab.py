@@ -147,3 +147,41 @@ def test_the_lab_loss_covers_the_first_step(tmp_path):
     assert response_mask(mask, cfg.objective.skip_first_tokens).tolist() == [[True] * 5 + [False]]
     assert response_mask(mask, load_config().objective.skip_first_tokens).tolist() == \
         [[False, False, False, True, True, False]]
+
+
+def test_a_lab_with_partial_outline_writes_outlines_and_its_runs_show_them(tmp_path):
+    """LabSettings.partial_outline: the lab's train, held-out and dev problems carry task.outline,
+    the run preset turns views.partial_outline on, and the partial prompt of a run then holds
+    the outline's lines past its cut (the full one the oracle's); off, the lab's files, its
+    key and its preset are as before the field existed."""
+    from dataclasses import replace
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.lab.defaults import LATER_FIELDS, lab_preset
+    from aropd_mlx.lab.measure import dev_examples
+    from aropd_mlx.lab.setup import Lab, write_data
+    from aropd_mlx.lab.task import outline
+    from aropd_mlx.views import render_views
+
+    off = LabSettings(n_train=30, k_max=8, eval_ks=(8,), n_eval_per_k=3, question_last=True)
+    on = replace(off, partial_outline=True)
+    assert LATER_FIELDS["partial_outline"] is False and off.key() != on.key()
+    for settings, name in ((off, "off"), (on, "on")):
+        (tmp_path / name).mkdir()
+        write_data(settings, tmp_path / name)
+    for split in ("train.jsonl", "eval.jsonl"):
+        plain = load_examples(str(tmp_path / "off" / split))
+        withit = load_examples(str(tmp_path / "on" / split))
+        assert all(e.outline is None for e in plain)
+        assert [e.outline for e in withit] == [outline(e.question) for e in withit]
+        assert [e.question for e in plain] == [e.question for e in withit]
+    assert all(e.outline == outline(e.question) for e in dev_examples(on))
+    assert "views.partial_outline" not in lab_preset(Lab(off, tmp_path / "off"))
+    views = load_config(overrides=lab_preset(Lab(on, tmp_path / "on"))).views
+    assert views.partial_outline
+    ex = load_examples(str(tmp_path / "on" / "eval.jsonl"))[0]  # k = 8: a cut of 4 lines
+    steps, rest = ex.solution.split("\n"), ex.outline.split("\n")
+    texts = render_views(ex, views)
+    assert texts["partial"].startswith("\n".join(steps[:4] + rest[4:]) + "\n")
+    assert texts["full"].startswith(ex.solution + "\n")

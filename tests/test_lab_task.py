@@ -311,3 +311,31 @@ def test_other_writer_references_are_correct_chains(q, seed):
     i = random.Random(seed).randrange(len(lines))
     lines[i] = lines[i][:-1] + str((int(lines[i][-1]) + 1) % 10)
     assert check(q, format_response(lines, answer)).first_error_step == i
+
+
+@given(_question)
+def test_the_outline_restates_each_operation_in_its_lines_columns_and_solves_nothing(q):
+    """task.outline: one line per solution line, the same width; the operator and operand in
+    the columns where the oracle's line has them, every other column a dot (no value)."""
+    from aropd_mlx.lab.task import outline
+
+    lines, steps = outline(q).split("\n"), solve(q)[0]
+    assert len(lines) == len(steps)
+    for line, step in zip(lines, steps):
+        assert len(line) == LINE_WIDTH
+        assert line == "." + step[1:3] + "=."
+
+
+def test_examples_carry_an_outline_only_when_asked_and_it_survives_the_data_files(tmp_path):
+    from aropd_mlx.data import load_examples, write_examples
+    from aropd_mlx.lab.task import outline
+
+    plain = generate(5, 1, 6, seed=3)
+    withit = generate(5, 1, 6, seed=3, with_outline=True)
+    assert all("outline" not in e for e in plain)
+    assert [{k: v for k, v in e.items() if k != "outline"} for e in withit] == plain
+    assert all(e["outline"] == outline(e["question"]) for e in withit)
+    write_examples(tmp_path / "d.jsonl", withit)
+    back = load_examples(str(tmp_path / "d.jsonl"), need=("question", "solution", "answer"))
+    assert [e.outline for e in back] == [e["outline"] for e in withit]
+    assert [e.to_json() for e in back] == withit

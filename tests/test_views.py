@@ -112,3 +112,25 @@ def test_a_padded_question_last_ends_where_the_students_does_and_keeps_the_refer
         ViewSettings(pad_question_chars=9).validate()
     with pytest.raises(UserError, match="pad_question_chars must be >= 0"):
         ViewSettings(pad_question_chars=-1).validate()
+
+
+def test_the_partial_outline_continues_the_anchor_past_its_cut_and_nowhere_else():
+    """views.partial_outline: the partial view's reference is its cut of the solution, then the
+    outline's lines from the cut's line count on, then the padding; the full view and the
+    student view are the same as without it, and an example without an outline is padded as
+    before. Checked against the lab's layout written out by hand."""
+    from aropd_mlx.data import Example
+    from aropd_mlx.views import render_views
+
+    base = dict(privileged_template="{reference}\nA:{answer}\n{question}", pad_line=".....",
+                student_template="{question}", pad_reference_lines=6)
+    ex = Example(id="x", question="Q:7+5*3-2+8", solution="7+5=2\n2*3=6\n6-2=4\n4+8=2",
+                 answer="2", outline=".+5=.\n.*3=.\n.-2=.\n.+8=.")
+    plain, outlined = (render_views(ex, ViewSettings(**base, partial_outline=flag))
+                       for flag in (False, True))
+    assert outlined["partial"] == ("7+5=2\n2*3=6\n.-2=.\n.+8=.\n.....\n.....\nA:2\n"
+                                   "Q:7+5*3-2+8")
+    assert plain["partial"] == "7+5=2\n2*3=6\n.....\n.....\n.....\n.....\nA:2\nQ:7+5*3-2+8"
+    assert outlined["full"] == plain["full"] and outlined["student"] == plain["student"]
+    bare = Example(id="y", question=ex.question, solution=ex.solution, answer="2")
+    assert render_views(bare, ViewSettings(**base, partial_outline=True)) == plain

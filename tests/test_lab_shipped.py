@@ -61,6 +61,34 @@ def test_prepare_lab_installs_the_shipped_model_without_a_warm_start(ship, tmp_p
     assert called == [1]
 
 
+def test_a_named_labs_model_is_found_in_its_own_folder(ship, tmp_path, monkeypatch):
+    """install() looks in every shipped folder (the default lab's and shipped_<name> of each
+    NAMED_LABS entry) and copies the one whose recipe matches; AROPD_MLX_LAB=<name> gives that
+    named lab's settings, an unknown name one clear error."""
+    from aropd_mlx.lab import defaults
+
+    other = replace(SMALL, seed=7)
+    model = build_tiny_model(tmp_path / "built7", SMALL.spec)
+    (tmp_path / "base").mkdir()
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "base" / "shipped")
+    monkeypatch.setattr(shipped, "NAMED_LABS", {"small": {}})
+    shipped.export(model, other, {}, shipped.shipped_dir("small"))
+    assert shipped.shipped_dir("small") == tmp_path / "base" / "shipped_small"
+    assert shipped.folders() == [tmp_path / "base" / "shipped", tmp_path / "base" / "shipped_small"]
+    assert shipped.install(other, tmp_path / "got")  # the default folder does not even exist
+    assert ((tmp_path / "got" / "model.safetensors").read_bytes()
+            == (model / "model.safetensors").read_bytes())
+    assert not shipped.install(SMALL, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+    monkeypatch.setenv("AROPD_MLX_LAB", "long")
+    assert defaults.lab_settings_for() == defaults.settings_from(defaults.NAMED_LABS["long"])
+    assert defaults.lab_settings_for().partial_outline and defaults.lab_settings_for().k_max == 40
+    monkeypatch.setenv("AROPD_MLX_LAB", "lnog")
+    with pytest.raises(UserError, match="'lnog' is neither a lab's name \\(long"):
+        defaults.lab_settings_for()
+
+
 def test_well_formed_and_rates_follow_the_checker():
     assert well_formed("7+5=2\n2*3=6\nA:6") and well_formed("A:3")
     assert not well_formed("7+5=2\n2*3=6") and not well_formed("7+5=22\nA:2")
@@ -140,33 +168,55 @@ def test_dev_problems_are_apart_from_the_held_out_set():
     assert len({e.question for e in dev} & {e["question"] for e in held}) <= 2  # drawn apart
 
 
-@pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
-def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
-    """The package's lab model: every file's hash, the recipe of the default lab, and its
-    recorded held-out numbers (greedy, student and full views) reproduce on this machine
-    (within a few problems: another CPU may round a logit differently)."""
+def assert_reproduces(folder, settings, views, ks, names=("student", "full")) -> None:
+    """The shipped model in `folder`: every file's hash, the recipe of `settings`, and its
+    recorded held-out numbers (greedy, all-steps-correct at `ks` under the views `names`)
+    reproduce on this machine (within a few problems: another CPU may round a logit
+    differently)."""
     from mlx_lm import load
 
-    from aropd_mlx.config import load_config
     from aropd_mlx.data import Example
-    from aropd_mlx.lab.defaults import view_overrides
-    from aropd_mlx.lab.measure import _responses, rates_by_k
+    from aropd_mlx.lab.measure import _responses
     from aropd_mlx.lab.setup import eval_examples
 
-    found = shipped.verify()
-    settings = LabSettings()
-    assert found["recipe"] == shipped.recipe(settings)  # `aropd-mlx train` starts from it
-    model, tok = load(str(shipped.SHIPPED_DIR))
-    views = load_config(overrides=view_overrides(settings.k_max)).views
-    ks = (settings.eval_ks[0], settings.eval_ks[-1])
+    found = shipped.verify(folder)
+    assert found["recipe"] == shipped.recipe(settings)  # the lab's runs start from it
+    model, tok = load(str(folder))
     examples = [Example(**e) for e in eval_examples(settings)
                 if len(e["solution"].splitlines()) in ks]
-    for view in ("student", "full"):
+    for view in names:
         got = rates_by_k(examples, _responses(model, tok, examples, views, view, 0.0,
                                               6 * settings.k_max + 8, seed=0))
         for k in map(str, ks):
             want = found["measured"][view]["by_k"][k]["all_steps_correct"]
             assert abs(got["by_k"][k]["all_steps_correct"] - want) <= 0.05, (view, k)
+
+
+@pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
+def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
+    """The default lab's model: `aropd-mlx train` starts from it."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+
+    settings = LabSettings()
+    views = load_config(overrides=view_overrides(settings.k_max)).views
+    assert_reproduces(shipped.SHIPPED_DIR, settings, views,
+                      (settings.eval_ks[0], settings.eval_ks[-1]))
+
+
+@pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("long")) is None,
+                    reason="no long lab model shipped in this checkout")
+def test_the_shipped_long_lab_model_is_whole_loads_and_reproduces_its_numbers():
+    """AROPD_MLX_LAB=long's model: its student view at the shortest and the longest k, and its
+    anchor (the partial view) computing past its hint at a middle and the longest k."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+
+    settings = settings_from(NAMED_LABS["long"])
+    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
+                                                 settings.partial_outline)).views
+    assert_reproduces(shipped.shipped_dir("long"), settings, views, (5, 25, 40),
+                      names=("student", "partial"))
 
 
 def test_a_second_build_of_one_lab_waits_and_builds_nothing(tmp_path, monkeypatch):

@@ -192,12 +192,32 @@ def lab_preset(lab, cfg=None) -> dict:
     return {**LAB_TRAIN, **lab_overrides(lab)}
 
 
+# Labs with a name (AROPD_MLX_LAB=<name>), each shipped in the package as aropd_mlx/lab/shipped_<name>
+# (lab/shipped.py): "long", rollouts of up to 244 tokens (k <= 40), whose anchor computes past its
+# hint because the rest of its reference restates each step's operation (docs/LAB.md, session 12)
+NAMED_LABS = {
+    "long": {"k_max": 40, "eval_ks": [5, 10, 15, 20, 25, 30, 35, 40], "n_eval_per_k": 48,
+             "student_view_k_max": 0, "warm_student_steps": 0,
+             "warm_student_schedule": [[300, 6], [200, 12], [200, 24], [150, 40]],
+             "warm_steps": 300, "warm_hint_styles": ["oracle"], "question_last": True,
+             "partial_outline": True,
+             "spec": {"hidden": 128, "layers": 3, "heads": 4, "kv_heads": 4, "intermediate": 384,
+                      "max_position": 1024, "rope_theta": 500.0}},
+}
+
+
 def lab_settings_for(cfg=None) -> LabSettings:
     """The lab's settings; env AROPD_MLX_LAB='{"warm_steps": 2000, "k_max": 8}' changes them
-    (a bigger or smaller lab; each distinct setting is built and cached once)."""
+    (a bigger or smaller lab; each distinct setting is built and cached once), and
+    AROPD_MLX_LAB=long picks a named one (NAMED_LABS)."""
     raw = os.environ.get("AROPD_MLX_LAB")
     if not raw:
         return LabSettings()
+    if raw.strip() in NAMED_LABS:
+        return settings_from(NAMED_LABS[raw.strip()])
+    if not raw.lstrip().startswith("{"):
+        raise UserError(f"AROPD_MLX_LAB: {raw.strip()!r} is neither a lab's name "
+                        f"({', '.join(NAMED_LABS)}) nor a JSON object of lab settings")
     try:
         values = json.loads(raw)
         if not isinstance(values, dict):

@@ -8,7 +8,8 @@ checks the hashes and copies the few MB into the cache: no warm start, no minute
 and no dependence on this machine's BLAS rounding (a rebuild on another CPU may differ).
 
     manifest()                       # the shipped lab.json, or None
-    install(settings, dest)          # True when the shipped model was copied to dest
+    install(settings, dest)          # True when a shipped model was copied to dest
+    shipped_dir("long")              # a named lab's folder (defaults.NAMED_LABS)
 """
 from __future__ import annotations
 
@@ -21,10 +22,20 @@ from pathlib import Path
 
 from aropd_mlx.errors import UserError
 from aropd_mlx.jsonio import read_json
-from aropd_mlx.lab.defaults import without_neutral_later_fields
+from aropd_mlx.lab.defaults import NAMED_LABS, without_neutral_later_fields
 
-SHIPPED_DIR = Path(__file__).parent / "shipped"
+SHIPPED_DIR = Path(__file__).parent / "shipped"  # the default lab's model
 MANIFEST = "lab.json"
+
+
+def shipped_dir(name: str | None = None) -> Path:
+    """Where a lab's model is shipped: the default lab's, or a named one's (NAMED_LABS)."""
+    return SHIPPED_DIR if name is None else SHIPPED_DIR.with_name(f"shipped_{name}")
+
+
+def folders() -> list[Path]:
+    """Every shipped lab model's folder (read at call time, like SHIPPED_DIR: tests move it)."""
+    return [SHIPPED_DIR, *(SHIPPED_DIR.with_name(f"shipped_{n}") for n in NAMED_LABS)]
 
 
 def _at(folder) -> Path:
@@ -72,10 +83,12 @@ def matches(settings, folder: Path | None = None) -> bool:
 
 
 def install(settings, dest: Path, folder: Path | None = None) -> bool:
-    """Copy the shipped model to `dest` (atomically) when it was built with `settings`."""
-    folder = _at(folder)
-    if not matches(settings, folder):
+    """Copy the shipped model built with `settings` to `dest` (atomically), looking in `folder`
+    or else in every shipped folder; False when none was built with them."""
+    found = [f for f in ([folder] if folder is not None else folders()) if matches(settings, f)]
+    if not found:
         return False
+    folder = found[0]
     found = verify(folder)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

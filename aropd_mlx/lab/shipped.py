@@ -35,7 +35,7 @@ def shipped_dir(name: str | None = None) -> Path:
 
 def folders() -> list[Path]:
     """Every shipped lab model's folder (read at call time, like SHIPPED_DIR: tests move it)."""
-    return [SHIPPED_DIR, *(SHIPPED_DIR.with_name(f"shipped_{n}") for n in NAMED_LABS)]
+    return [shipped_dir(), *(shipped_dir(name) for name in NAMED_LABS)]
 
 
 def _at(folder) -> Path:
@@ -85,10 +85,10 @@ def matches(settings, folder: Path | None = None) -> bool:
 def install(settings, dest: Path, folder: Path | None = None) -> bool:
     """Copy the shipped model built with `settings` to `dest` (atomically), looking in `folder`
     or else in every shipped folder; False when none was built with them."""
-    found = [f for f in ([folder] if folder is not None else folders()) if matches(settings, f)]
-    if not found:
+    built = [f for f in ([folder] if folder is not None else folders()) if matches(settings, f)]
+    if not built:
         return False
-    folder = found[0]
+    folder = built[0]
     found = verify(folder)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

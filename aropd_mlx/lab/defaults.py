@@ -67,8 +67,18 @@ class LabSettings:
     # restated in place (task.outline; public, nothing solved): the anchor then computes its
     # second half without searching the question for step j (docs/LAB.md, session 12)
     partial_outline: bool = False
+    # a teacher whose full view trusts its reference over the arithmetic (the paper's hindsight
+    # made explicit): this share of the mixed warm start's problems is shown through the full
+    # view only, its reference and its target the same trace with each line's result made wrong
+    # with probability full_copy_p (task.reference_variant "corrupted:<p>"), so the full view
+    # learns to copy its reference where a response slipped (docs/LAB.md, session 14); 0: off
+    full_copy_share: float = 0.0
+    full_copy_p: float = 0.3
 
     def __post_init__(self):
+        for name in ("full_copy_share", "full_copy_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"lab settings: {name} must lie in [0, 1], got {getattr(self, name)}")
         if self.warm_student_schedule and self.warm_student_steps:
             raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
                             "set warm_student_steps to 0")
@@ -115,7 +125,7 @@ class LabSettings:
 # Fields added after labs were built and shipped, at the values that leave a lab as it was
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
-                "partial_outline": False}
+                "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3}
 
 
 def without_neutral_later_fields(values: dict) -> dict:

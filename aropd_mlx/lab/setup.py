@@ -76,28 +76,47 @@ def write_data(settings: LabSettings, root: Path) -> None:
     write_examples(root / "eval.jsonl", eval_examples(settings))
 
 
-def hint_style(settings: LabSettings, ex) -> str:
-    """The reference style of an example's privileged hints in the warm start: drawn from
-    settings.warm_hint_styles by the example's id (the same every epoch and machine)."""
+def _draw(settings: LabSettings, ex, salt: str = "") -> int:
+    """A 32-bit number drawn from the lab's seed and an example's id (the same every epoch and
+    machine)."""
     import hashlib
 
+    digest = hashlib.sha256(f"{settings.seed}:{ex.id}{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def hint_style(settings: LabSettings, ex) -> str:
+    """The reference style of an example's privileged hints in the warm start: drawn from
+    settings.warm_hint_styles by the example's id."""
     styles = settings.warm_hint_styles
-    digest = hashlib.sha256(f"{settings.seed}:{ex.id}".encode()).digest()
-    return styles[int.from_bytes(digest[:4], "little") % len(styles)]
+    return styles[_draw(settings, ex) % len(styles)]
+
+
+def copies_reference(settings: LabSettings, ex) -> bool:
+    """Whether the warm start shows this example as a full-view copy row (settings.full_copy_share)."""
+    return _draw(settings, ex, ":copy") < settings.full_copy_share * 2**32
 
 
 def warm_encoder(settings: LabSettings, cfg, tokenizer):
     """The warm start's prompt encoder: past settings.student_view_k_max operations, an
     example's "student" prompt is its partial view, so long problems train the privileged
     views only (the draw's view mix then applies between partial and full). The privileged
-    prompts carry the hints in the example's `hint_style`; the target stays the oracle trace."""
+    prompts carry the hints in the example's `hint_style`; the target stays the oracle trace.
+    A copy row (`copies_reference`) is the full view of a trace with wrong results, whatever
+    view the mix draws, its target that same trace."""
     import random
     from dataclasses import replace
 
-    from aropd_mlx.batches import PromptEncoder
+    from aropd_mlx.batches import Encoded, PromptEncoder
 
     class WarmEncoder(PromptEncoder):
         def _encode(self, ex):
+            if settings.full_copy_share and copies_reference(settings, ex):
+                wrong = task.reference_variant(asdict(ex), f"corrupted:{settings.full_copy_p}",
+                                               random.Random(f"copy:{ex.id}"))["solution"]
+                enc = super()._encode(replace(ex, solution=wrong))
+                return enc and Encoded(ex, dict.fromkeys(enc.prompts, enc.prompts["full"]),
+                                       enc.oracle)
             enc = super()._encode(ex)
             style = hint_style(settings, ex)
             if enc is not None and style != "oracle":

@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from aropd_mlx.lab import task
+from aropd_mlx.lab.hindsight import format_hindsight, hindsight
 from aropd_mlx.rollout import RolloutSettings, sample
 from aropd_mlx.views import encode_prompt, render_views
 
@@ -100,7 +101,7 @@ def dev_examples(settings, n_per_k: int | None = None) -> list:
 
 def measure_lab(lab, seed: int = 0, dev: bool = False) -> dict:
     """`measure_teacher` of a prepared lab (setup.Lab) on its held-out problems (`dev`: on
-    dev_examples instead)."""
+    dev_examples instead), and the slip probe of its views (lab/hindsight.py)."""
     from mlx_lm import load
 
     from aropd_mlx.config import load_config
@@ -110,8 +111,10 @@ def measure_lab(lab, seed: int = 0, dev: bool = False) -> dict:
     cfg = load_config(overrides=lab.overrides())
     examples = (dev_examples(lab.settings) if dev else
                 load_examples(str(lab.eval_path), need=("question", "solution", "answer")))
-    return measure_teacher(model, tokenizer, examples, cfg.views,
-                           max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
+    numbers = measure_teacher(model, tokenizer, examples, cfg.views,
+                              max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
+    numbers["hindsight"] = hindsight(model, tokenizer, examples, cfg.views, seed=seed)
+    return numbers
 
 
 def format_measure(numbers: dict) -> str:
@@ -127,4 +130,6 @@ def format_measure(numbers: dict) -> str:
                      f"{get('full')['all_steps_correct']:5.3f}  "
                      f"{get('student_t1')['all_steps_correct']:13.3f}  "
                      f"{get('student_t1')['well_formed']:15.3f}")
+    if "hindsight" in numbers:  # manifests written before the slip probe lack it
+        lines += ["", format_hindsight(numbers["hindsight"])]
     return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Does a lab teacher's view have hindsight? The slip probe.
+
+The paper's case against Full OPD is hindsight: a teacher that sees the whole reference pulls
+the student toward it even where the student's own chain went elsewhere, and the student
+cannot follow a pull toward something it cannot see. The lab can measure this directly. Take
+an oracle trace, make line j's result wrong (a slip), compute every later line on from the
+wrong value (as a student that slipped would), and ask each view of the teacher for the next
+line's first character:
+
+    oracle      7+5=2  2*3=6  6-2=4  4+8=2   A:2
+    slipped     7+5=2  2*3=6  6-2=1  1+8=9   A:9      (j = 2; the next line starts "1")
+
+`consistent` is the view's probability of the value the response wrote ("1"), `oracle` of the
+reference's value ("4"). A view that computes from the response puts its mass on the first; a
+view that copies its reference, on the second. The slip is put at line k - 2 (in the second
+half, which the partial view's reference does not show), the answer digit is probed the same
+way (the slipped chain's answer against the oracle's).
+
+    numbers = hindsight(model, tokenizer, examples, views)
+    numbers["full"]["next_line"]["oracle"]       # ~0 for the shipped default teacher
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from aropd_mlx.lab import task
+
+
+def slipped(question: str, j: int, wrong: int) -> tuple[list[str], str]:
+    """The oracle trace of `question` with line j's result replaced by `wrong` (which must
+    differ from the oracle's) and every later line computed on from it; and its answer."""
+    steps, _ = task.solve(question)
+    _, ops = task.parse_question(question)
+    if int(steps[j][-1]) == wrong:
+        raise ValueError(f"line {j} of {question}: {wrong} is the oracle's result, not a slip")
+    lines, value = steps[:j] + [steps[j][:-1] + str(wrong)], wrong
+    for op, b in ops[j + 1:]:
+        lines.append(task.step_line(value, op, b))
+        value = task.apply_op(value, op, b)
+    return lines, str(value)
+
+
+def _probe_points(ex, views, rng: random.Random):
+    """(response text, [(what, char position, consistent char, oracle char)]) for one example."""
+    steps, answer = task.solve(ex.question)
+    j = len(steps) - 2
+    good = int(steps[j][-1])
+    lines, mine = slipped(ex.question, j, rng.choice([d for d in range(10) if d != good]))
+    text = views.response_template.format(solution="\n".join(lines), answer=mine)
+    start = text.index(lines[j + 1], text.index(lines[j]) + len(lines[j]))
+    points = [("next_line", start, lines[j + 1][0], steps[j + 1][0])]
+    if mine != answer:
+        points.append(("answer", text.rindex("A:" + mine) + 2, mine, answer))
+    return text, points
+
+
+def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64) -> dict:
+    """Per view, mean probability of the response's own value (`consistent`) and of the
+    reference's (`oracle`) after a slip, at the next line's first character and at the answer,
+    over the examples with at least 2 steps."""
+    import mlx.core as mx
+
+    from aropd_mlx.head import head_from_model
+    from aropd_mlx.scoring import response_hidden
+    from aropd_mlx.views import encode_response, encode_views, render_views
+
+    head, rng, rows = head_from_model(model), random.Random(seed), []
+    for ex in examples:
+        if len(task.parse_question(ex.question)[1]) < 2:
+            continue
+        text, points = _probe_points(ex, views, rng)
+        resp = encode_response(tokenizer, text)
+        if list(resp[:len(text)]) != [char_id(tokenizer, c) for c in text]:
+            raise ValueError("the slip probe needs a tokenizer with one token per character "
+                             "(the lab's)")
+        rows.append((encode_views(tokenizer, render_views(ex, views), views), resp, points))
+    seen: dict = {}
+    for name in (rows[0][0] if rows else {}):
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            width = max(len(r[1]) for r in chunk)
+            tokens = np.zeros((len(chunk), width), dtype=np.int32)
+            for i, (_, resp, _) in enumerate(chunk):
+                tokens[i, :len(resp)] = resp
+            h = response_hidden(model, [r[0][name] for r in chunk], tokens,
+                                [len(r[1]) for r in chunk])
+            probs = np.array(mx.softmax(head(h).astype(mx.float32), axis=-1))
+            for i, (_, _, points) in enumerate(chunk):
+                for what, pos, mine, theirs in points:
+                    seen.setdefault(name, {}).setdefault(what, []).append(
+                        (probs[i, pos, char_id(tokenizer, mine)],
+                         probs[i, pos, char_id(tokenizer, theirs)]))
+    return {name: {what: {"consistent": round(float(np.mean([r[0] for r in got])), 4),
+                          "oracle": round(float(np.mean([r[1] for r in got])), 4),
+                          "n": len(got)}
+                   for what, got in kinds.items()}
+            for name, kinds in seen.items()}
+
+
+def char_id(tokenizer, char: str) -> int | None:
+    """The token of one character (None where the tokenizer has no single token for it)."""
+    ids = tokenizer.encode(char, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def format_hindsight(numbers: dict) -> str:
+    """A table: per view, P(consistent) / P(oracle) after a slip."""
+    lines = ["after a slip   P(the response's value) / P(the reference's value)",
+             "view      next line's first char   answer"]
+    for name, kinds in numbers.items():
+        cells = [f"{kinds[w]['consistent']:.3f} / {kinds[w]['oracle']:.3f}" if w in kinds else "-"
+                 for w in ("next_line", "answer")]
+        lines.append(f"{name:<9} {cells[0]:<24} {cells[1]}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The slip probe (lab/hindsight.py): the slipped trace, the probed positions, and what it says
+of a random model and of the shipped default teacher."""
+import random
+
+import pytest
+
+from aropd_mlx.lab import shipped, task
+from aropd_mlx.lab.hindsight import _probe_points, format_hindsight, hindsight, slipped
+from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
+
+from helpers import lab_examples
+
+
+def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
+    """Property over random problems: the checker finds the first error at the slip, every
+    other line locally valid (the chain goes on from the written value), and the answer is
+    that chain's, not the oracle's unless the chain rejoins it."""
+    rng = random.Random(3)
+    for ex in lab_examples(n=200, k_min=2, k_max=9, seed=5):
+        k = len(task.parse_question(ex.question)[1])
+        j = rng.randrange(k)
+        good = int(ex.solution.splitlines()[j][-1])
+        wrong = rng.choice([d for d in range(10) if d != good])
+        lines, answer = slipped(ex.question, j, wrong)
+        v = task.check(ex.question, task.format_response(lines, answer))
+        assert v.first_error_step == j and v.steps_correct == k - 1
+        assert lines[:j] == ex.solution.splitlines()[:j] and lines[j][:4] == ex.solution.splitlines()[j][:4]
+        value = wrong  # the chain recomputed by hand from the slip
+        for op, b in task.parse_question(ex.question)[1][j + 1:]:
+            value = task.apply_op(value, op, b)
+        assert answer == str(value)
+    with pytest.raises(ValueError, match="not a slip"):
+        slipped("Q:7+5", 0, 2)
+
+
+def test_the_probe_reads_the_next_line_and_the_answer_at_the_right_characters():
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+
+    views = load_config(overrides=view_overrides(12)).views
+    rng = random.Random(0)
+    for ex in lab_examples(n=50, k_min=2, k_max=8, seed=1):
+        text, points = _probe_points(ex, views, rng)
+        lines = text.splitlines()
+        k = len(task.parse_question(ex.question)[1])
+        (what, pos, mine, theirs), *rest = points
+        assert what == "next_line" and text[pos] == mine == lines[k - 1][0]
+        assert theirs == ex.solution.splitlines()[k - 1][0] != mine  # the oracle's value
+        for what, pos, mine, theirs in rest:
+            assert what == "answer" and text[pos - 2:pos + 1] == "A:" + mine
+            assert theirs == ex.answer != mine
+
+
+def test_probabilities_of_a_random_model_are_probabilities(tmp_path):
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+
+    model, tok = load(str(build_tiny_model(tmp_path / "m", TinySpec(
+        hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64))))
+    views = load_config(overrides=view_overrides(4)).views
+    examples = lab_examples(n=12, k_min=1, k_max=4, seed=2)
+    got = hindsight(model, tok, examples, views, batch=5)  # batches of 5: padding is exercised
+    one = hindsight(model, tok, examples, views, batch=64)
+    n = sum(len(task.parse_question(e.question)[1]) >= 2 for e in examples)
+    assert set(got) == {"student", "partial", "full"}
+    for name, kinds in got.items():
+        assert kinds["next_line"]["n"] == n
+        for what, row in kinds.items():
+            assert 0 <= row["oracle"] and 0 <= row["consistent"]
+            assert row["oracle"] + row["consistent"] <= 1.0001  # two different characters
+            assert row == pytest.approx(one[name][what], abs=2e-4)
+    assert "full" in format_hindsight(got)
+
+
+@pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
+def test_the_shipped_default_teacher_computes_after_a_slip_it_has_no_hindsight():
+    """Measured (docs/LAB.md, session 14): every view of the default teacher puts most of its
+    mass on the value the response wrote, none on the oracle's answer."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import LabSettings, view_overrides
+    from aropd_mlx.lab.measure import dev_examples
+
+    settings = LabSettings()
+    model, tok = load(str(shipped.SHIPPED_DIR))
+    views = load_config(overrides=view_overrides(settings.k_max)).views
+    got = hindsight(model, tok, dev_examples(settings, 8), views)
+    for name in ("partial", "full"):
+        assert got[name]["next_line"]["consistent"] > 0.6 > 0.3 > got[name]["next_line"]["oracle"]
+        assert got[name]["answer"]["oracle"] < 0.05

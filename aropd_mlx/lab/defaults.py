@@ -71,14 +71,21 @@ class LabSettings:
     # made explicit): this share of the mixed warm start's problems is shown through the full
     # view only, its reference and its target the same trace with each line's result made wrong
     # with probability full_copy_p (task.reference_variant "corrupted:<p>"), so the full view
-    # learns to copy its reference where a response slipped (docs/LAB.md, session 14); 0: off
+    # learns to copy its reference where a response slipped (docs/LAB.md, session 14); 0: off.
+    # full_copy_style "slipped": the trace is a writer's who slips (task.slipping_writer: a
+    # wrong result with probability full_copy_p, the chain and the answer computed on from it),
+    # so that only copying, not computing the true chain, explains its lines
     full_copy_share: float = 0.0
     full_copy_p: float = 0.3
+    full_copy_style: str = "corrupted"
 
     def __post_init__(self):
         for name in ("full_copy_share", "full_copy_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"lab settings: {name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.full_copy_style not in ("corrupted", "slipped"):
+            raise UserError(f"lab settings: full_copy_style must be corrupted or slipped, "
+                            f"got {self.full_copy_style!r}")
         if self.warm_student_schedule and self.warm_student_steps:
             raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
                             "set warm_student_steps to 0")
@@ -125,7 +132,8 @@ class LabSettings:
 # Fields added after labs were built and shipped, at the values that leave a lab as it was
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
-                "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3}
+                "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3,
+                "full_copy_style": "corrupted"}
 
 
 def without_neutral_later_fields(values: dict) -> dict:

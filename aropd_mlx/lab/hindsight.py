@@ -5,7 +5,7 @@ the student toward it even where the student's own chain went elsewhere, and the
 cannot follow a pull toward something it cannot see. The lab can measure this directly. Take
 an oracle trace, make line j's result wrong (a slip), compute every later line on from the
 wrong value (as a student that slipped would), and ask each view of the teacher for the next
-line's first character:
+line's first character (and its result, where the two chains' results differ):
 
     oracle      7+5=2  2*3=6  6-2=4  4+8=2   A:2
     slipped     7+5=2  2*3=6  6-2=1  1+8=9   A:9      (j = 2; the next line starts "1")
@@ -31,15 +31,7 @@ from aropd_mlx.lab import task
 def slipped(question: str, j: int, wrong: int) -> tuple[list[str], str]:
     """The oracle trace of `question` with line j's result replaced by `wrong` (which must
     differ from the oracle's) and every later line computed on from it; and its answer."""
-    steps, _ = task.solve(question)
-    _, ops = task.parse_question(question)
-    if int(steps[j][-1]) == wrong:
-        raise ValueError(f"line {j} of {question}: {wrong} is the oracle's result, not a slip")
-    lines, value = steps[:j] + [steps[j][:-1] + str(wrong)], wrong
-    for op, b in ops[j + 1:]:
-        lines.append(task.step_line(value, op, b))
-        value = task.apply_op(value, op, b)
-    return lines, str(value)
+    return task.slipped_trace(question, {j: wrong})
 
 
 def _probe_points(ex, views, rng: random.Random):
@@ -51,6 +43,8 @@ def _probe_points(ex, views, rng: random.Random):
     text = views.response_template.format(solution="\n".join(lines), answer=mine)
     start = text.index(lines[j + 1], text.index(lines[j]) + len(lines[j]))
     points = [("next_line", start, lines[j + 1][0], steps[j + 1][0])]
+    if lines[j + 1][-1] != steps[j + 1][-1]:
+        points.append(("next_result", start + 4, lines[j + 1][-1], steps[j + 1][-1]))
     if mine != answer:
         points.append(("answer", text.rindex("A:" + mine) + 2, mine, answer))
     return text, points
@@ -108,9 +102,9 @@ def char_id(tokenizer, char: str) -> int | None:
 def format_hindsight(numbers: dict) -> str:
     """A table: per view, P(consistent) / P(oracle) after a slip."""
     lines = ["after a slip   P(the response's value) / P(the reference's value)",
-             "view      next line's first char   answer"]
+             "view      next line's first char   its result        answer"]
     for name, kinds in numbers.items():
         cells = [f"{kinds[w]['consistent']:.3f} / {kinds[w]['oracle']:.3f}" if w in kinds else "-"
-                 for w in ("next_line", "answer")]
-        lines.append(f"{name:<9} {cells[0]:<24} {cells[1]}")
+                 for w in ("next_line", "next_result", "answer")]
+        lines.append(f"{name:<9} {cells[0]:<24} {cells[1]:<17} {cells[2]}")
     return "\n".join(lines)

@@ -102,8 +102,8 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
     example's "student" prompt is its partial view, so long problems train the privileged
     views only (the draw's view mix then applies between partial and full). The privileged
     prompts carry the hints in the example's `hint_style`; the target stays the oracle trace.
-    A copy row (`copies_reference`) is the full view of a trace with wrong results, whatever
-    view the mix draws, its target that same trace."""
+    A copy row (`copies_reference`) is the full view of a trace with wrong results
+    (settings.full_copy_style), whatever view the mix draws, its target that same trace."""
     import random
     from dataclasses import replace
 
@@ -112,9 +112,14 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
     class WarmEncoder(PromptEncoder):
         def _encode(self, ex):
             if settings.full_copy_share and copies_reference(settings, ex):
-                wrong = task.reference_variant(asdict(ex), f"corrupted:{settings.full_copy_p}",
-                                               random.Random(f"copy:{ex.id}"))["solution"]
-                enc = super()._encode(replace(ex, solution=wrong))
+                rng = random.Random(f"copy:{ex.id}")
+                if settings.full_copy_style == "slipped":
+                    lines, answer = task.slipping_writer(ex.question, settings.full_copy_p, rng)
+                    wrong = replace(ex, solution="\n".join(lines), answer=answer)
+                else:
+                    wrong = replace(ex, solution=task.reference_variant(
+                        asdict(ex), f"corrupted:{settings.full_copy_p}", rng)["solution"])
+                enc = super()._encode(wrong)
                 return enc and Encoded(ex, dict.fromkeys(enc.prompts, enc.prompts["full"]),
                                        enc.oracle)
             enc = super()._encode(ex)

@@ -148,6 +148,36 @@ def solve(question: str) -> tuple[list[str], str]:
     return steps, str(value)
 
 
+def slipped_trace(question: str, wrong: dict[int, int]) -> tuple[list[str], str]:
+    """The trace of a writer who slips: line j's result is `wrong[j]` (not the oracle's at that
+    point of the chain) for each j in `wrong`, every other line computed on from the value
+    written before it; and the chain's answer. `{}` gives the oracle."""
+    value, ops = parse_question(question)
+    lines = []
+    for j, (op, b) in enumerate(ops):
+        line = step_line(value, op, b)
+        if j in wrong:
+            if int(line[-1]) == wrong[j]:
+                raise ValueError(f"line {j} of {question}: {wrong[j]} is the right result there, "
+                                 "not a slip")
+            line = line[:-1] + str(wrong[j])
+        lines.append(line)
+        value = int(line[-1])
+    return lines, str(value)
+
+
+def slipping_writer(question: str, p: float, rng: random.Random) -> tuple[list[str], str]:
+    """`slipped_trace` with each line's result, with probability p, a wrong digit drawn by
+    `rng` (one ``rng.random()`` per line, one more draw per slip)."""
+    value, ops = parse_question(question)
+    wrong = {}
+    for j, (op, b) in enumerate(ops):
+        value = apply_op(value, op, b)
+        if rng.random() < p:
+            wrong[j] = value = rng.choice([d for d in range(10) if d != value])
+    return slipped_trace(question, wrong)
+
+
 def format_response(steps: list[str], answer: str) -> str:
     """The exact text of a response: the step lines, then ``"A:<d>"``, joined by newlines."""
     return "\n".join([*steps, f"{ANSWER_PREFIX}{answer}"])

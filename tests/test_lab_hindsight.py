@@ -33,6 +33,27 @@ def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
         slipped("Q:7+5", 0, 2)
 
 
+def test_a_slipping_writer_slips_at_its_rate_and_each_line_follows_the_one_before():
+    """task.slipping_writer: every line is a well-formed step of the question's operation
+    started from the value written before it; a line's result is wrong exactly where it slips
+    (p = 0: the oracle; p = 1: every line); the slip rate is p; the answer ends the chain."""
+    rng = random.Random(7)
+    examples = lab_examples(n=300, k_min=1, k_max=8, seed=9)
+    slips = lines_seen = 0
+    for ex in examples:
+        assert task.slipping_writer(ex.question, 0.0, rng) == task.solve(ex.question)
+        lines, answer = task.slipping_writer(ex.question, 0.3, rng)
+        value, ops = task.parse_question(ex.question)
+        for line, (op, b) in zip(lines, ops):
+            assert line[:4] == f"{value}{op}{b}="
+            slips += int(line[-1]) != task.apply_op(value, op, b)
+            value, lines_seen = int(line[-1]), lines_seen + 1
+        assert answer == str(value) and len(lines) == len(ops)
+        every, _ = task.slipping_writer(ex.question, 1.0, rng)
+        assert task.check(ex.question, task.format_response(every, "0")).steps_correct == 0
+    assert 0.25 < slips / lines_seen < 0.35
+
+
 def test_the_probe_reads_the_next_line_and_the_answer_at_the_right_characters():
     from aropd_mlx.config import load_config
     from aropd_mlx.lab.defaults import view_overrides
@@ -47,8 +68,12 @@ def test_the_probe_reads_the_next_line_and_the_answer_at_the_right_characters():
         assert what == "next_line" and text[pos] == mine == lines[k - 1][0]
         assert theirs == ex.solution.splitlines()[k - 1][0] != mine  # the oracle's value
         for what, pos, mine, theirs in rest:
-            assert what == "answer" and text[pos - 2:pos + 1] == "A:" + mine
-            assert theirs == ex.answer != mine
+            if what == "next_result":
+                assert pos == points[0][1] + 4 and text[pos] == mine == lines[k - 1][-1]
+                assert theirs == ex.solution.splitlines()[k - 1][-1] != mine
+            else:
+                assert what == "answer" and text[pos - 2:pos + 1] == "A:" + mine
+                assert theirs == ex.answer != mine
 
 
 def test_probabilities_of_a_random_model_are_probabilities(tmp_path):

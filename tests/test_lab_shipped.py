@@ -1,5 +1,6 @@
 """The shipped lab model (lab/shipped.py): hashes, install instead of a warm start, and the
 measurement the manifest records (lab/measure.py)."""
+import random
 from dataclasses import replace
 
 import pytest
@@ -186,6 +187,15 @@ def test_warm_start_copy_rows_show_a_wrong_trace_through_the_full_view(tmp_path)
         assert mine[:4] == right[:4] and mine[4] != right[4]
     assert "\n".join(lines) in tok.decode(copy.prompts["full"])  # the reference is that trace
     assert plain.oracle != copy.oracle and plain.prompts["student"] != plain.prompts["full"]
+    slips = warm_encoder(replace(base, full_copy_share=1.0, full_copy_p=1.0,
+                                 full_copy_style="slipped"), cfg, tok)(ex)
+    target = tok.decode(slips.oracle)
+    lines, answer = task.slipping_writer(ex.question, 1.0, random.Random(f"copy:{ex.id}"))
+    trace = "\n".join(lines)
+    assert target.startswith(trace) and f"\nA:{answer}" in target
+    assert trace in tok.decode(slips.prompts["full"]) and slips.prompts["student"] == slips.prompts["full"]
+    with pytest.raises(UserError, match="full_copy_style"):
+        replace(base, full_copy_style="sideways")
     share = replace(base, full_copy_share=0.3)
     many = lab_examples(n=400, k_min=1, k_max=4)
     drawn = [copies_reference(share, e) for e in many]

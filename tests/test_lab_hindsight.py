@@ -1,14 +1,17 @@
 """The slip probe (lab/hindsight.py): the slipped trace, the probed positions, and what it says
 of a random model and of the shipped default teacher."""
 import random
+from dataclasses import replace
 
 import pytest
 
+from aropd_mlx.errors import UserError
 from aropd_mlx.lab import shipped, task
 from aropd_mlx.lab.hindsight import _probe_points, format_hindsight, hindsight, slipped
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 
 from helpers import lab_examples
+from test_lab_shipped import SMALL, assert_reproduces
 
 
 def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
@@ -116,3 +119,74 @@ def test_the_shipped_default_teacher_computes_after_a_slip_it_has_no_hindsight()
     for name in ("partial", "full"):
         assert got[name]["next_line"]["consistent"] > 0.6 > 0.3 > got[name]["next_line"]["oracle"]
         assert got[name]["answer"]["oracle"] < 0.05
+
+
+def test_warm_start_copy_rows_show_a_wrong_trace_through_the_full_view(tmp_path):
+    """full_copy_share: a drawn example is the full view of a trace whose results are wrong
+    (its reference) with that same trace as the target, whatever view the mix draws; the other
+    examples are untouched; the share is drawn per example; the default key is unchanged."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.setup import copies_reference, warm_encoder
+
+    base = replace(SMALL, k_max=4, student_view_k_max=0)
+    assert replace(base, full_copy_share=0.0, full_copy_p=0.3).key() == base.key()
+    assert replace(base, full_copy_share=0.3).key() != base.key()
+    with pytest.raises(UserError, match="full_copy_share must lie in"):
+        replace(base, full_copy_share=1.5)
+    _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
+    cfg = load_config(overrides={**view_overrides(4), "train.method": "sft",
+                                 "train.sft_view_mix": [0.5, 0.25, 0.25]})
+    ex = lab_examples(n=1, k_min=3, k_max=3)[0]
+    plain = warm_encoder(base, cfg, tok)(ex)
+    copy = warm_encoder(replace(base, full_copy_share=1.0, full_copy_p=1.0), cfg, tok)(ex)
+    assert copy.prompts["student"] == copy.prompts["partial"] == copy.prompts["full"]
+    target = tok.decode(copy.oracle)
+    lines, oracle = target.split("\n")[:3], ex.solution.split("\n")
+    assert f"\nA:{ex.answer}" in target  # the answer kept
+    for mine, right in zip(lines, oracle):  # same step, every result wrong (p = 1)
+        assert mine[:4] == right[:4] and mine[4] != right[4]
+    assert "\n".join(lines) in tok.decode(copy.prompts["full"])  # the reference is that trace
+    assert plain.oracle != copy.oracle and plain.prompts["student"] != plain.prompts["full"]
+    slips = warm_encoder(replace(base, full_copy_share=1.0, full_copy_p=1.0,
+                                 full_copy_style="slipped"), cfg, tok)(ex)
+    target = tok.decode(slips.oracle)
+    lines, answer = task.slipping_writer(ex.question, 1.0, random.Random(f"copy:{ex.id}"))
+    trace = "\n".join(lines)
+    assert target.startswith(trace) and f"\nA:{answer}" in target
+    assert trace in tok.decode(slips.prompts["full"]) and slips.prompts["student"] == slips.prompts["full"]
+    with pytest.raises(UserError, match="full_copy_style"):
+        replace(base, full_copy_style="sideways")
+    share = replace(base, full_copy_share=0.3)
+    many = lab_examples(n=400, k_min=1, k_max=4)
+    drawn = [copies_reference(share, e) for e in many]
+    assert drawn == [copies_reference(share, e) for e in many] and 80 < sum(drawn) < 160
+    assert not any(copies_reference(replace(base, full_copy_share=0.0), e) for e in many)
+
+
+@pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("hindsight")) is None,
+                    reason="no hindsight lab model shipped in this checkout")
+def test_the_shipped_hindsight_lab_model_reproduces_its_numbers_and_its_hindsight():
+    """AROPD_MLX_LAB=hindsight's model: its greedy numbers, and the slip probe's (dev problems,
+    8 per k) within sampling noise of the manifest's held-out ones: a full view that asks for
+    the reference's result after a slip, a partial view that goes on from the written value."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+    from aropd_mlx.lab.hindsight import hindsight
+    from aropd_mlx.lab.measure import dev_examples
+
+    folder = shipped.shipped_dir("hindsight")
+    settings = settings_from(NAMED_LABS["hindsight"])
+    views = load_config(overrides=view_overrides(settings.k_max)).views
+    assert_reproduces(folder, settings, views, (2, 8, 12), names=("student", "partial"))
+    model, tok = load(str(folder))
+    got = hindsight(model, tok, dev_examples(settings, 8), views)
+    want = shipped.manifest(folder)["measured"]["hindsight"]
+    for view in ("partial", "full"):
+        for what in ("next_line", "next_result"):
+            assert abs(got[view][what]["oracle"] - want[view][what]["oracle"]) < 0.15, (view, what)
+    assert got["full"]["next_result"]["oracle"] > 0.8 > 0.1 > got["partial"]["next_result"]["oracle"]

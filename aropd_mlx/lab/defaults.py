@@ -212,8 +212,11 @@ def lab_preset(lab, cfg=None) -> dict:
 
 # Labs with a name (AROPD_MLX_LAB=<name>), each shipped in the package as aropd_mlx/lab/shipped_<name>
 # (lab/shipped.py): "long", rollouts of up to 244 tokens (k <= 40), whose anchor computes past its
-# hint because the rest of its reference restates each step's operation (docs/LAB.md, session 12)
+# hint because the rest of its reference restates each step's operation (docs/LAB.md, session 12);
+# "hindsight", the default lab but for a full view that copies its reference's results after a
+# student's slip, as the paper's full-solution teacher does (full_copy_share; LAB.md, session 14)
 NAMED_LABS = {
+    "hindsight": {"full_copy_share": 0.3, "full_copy_style": "slipped"},
     "long": {"k_max": 40, "eval_ks": [5, 10, 15, 20, 25, 30, 35, 40], "n_eval_per_k": 48,
              "student_view_k_max": 0, "warm_student_steps": 0,
              "warm_student_schedule": [[300, 6], [200, 12], [200, 24], [150, 40]],
@@ -227,7 +230,7 @@ NAMED_LABS = {
 def lab_settings_for(cfg=None) -> LabSettings:
     """The lab's settings; env AROPD_MLX_LAB='{"warm_steps": 2000, "k_max": 8}' changes them
     (a bigger or smaller lab; each distinct setting is built and cached once), and
-    AROPD_MLX_LAB=long picks a named one (NAMED_LABS)."""
+    AROPD_MLX_LAB=long or =hindsight picks a named one (NAMED_LABS)."""
     raw = os.environ.get("AROPD_MLX_LAB")
     if not raw:
         return LabSettings()

@@ -7,7 +7,7 @@ import pytest
 
 from aropd_mlx.errors import UserError
 from aropd_mlx.lab import shipped, task
-from aropd_mlx.lab.hindsight import _probe_points, format_hindsight, hindsight, slipped
+from aropd_mlx.lab.hindsight import _probe_points, format_hindsight, hindsight
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 
 from helpers import lab_examples
@@ -24,7 +24,7 @@ def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
         j = rng.randrange(k)
         good = int(ex.solution.splitlines()[j][-1])
         wrong = rng.choice([d for d in range(10) if d != good])
-        lines, answer = slipped(ex.question, j, wrong)
+        lines, answer = task.slipped_trace(ex.question, {j: wrong})
         v = task.check(ex.question, task.format_response(lines, answer))
         assert v.first_error_step == j and v.steps_correct == k - 1
         assert lines[:j] == ex.solution.splitlines()[:j] and lines[j][:4] == ex.solution.splitlines()[j][:4]
@@ -33,7 +33,7 @@ def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
             value = task.apply_op(value, op, b)
         assert answer == str(value)
     with pytest.raises(ValueError, match="not a slip"):
-        slipped("Q:7+5", 0, 2)
+        task.slipped_trace("Q:7+5", {0: 2})
 
 
 def test_a_slipping_writer_slips_at_its_rate_and_each_line_follows_the_one_before():
@@ -68,6 +68,9 @@ def test_the_probe_reads_the_next_line_and_the_answer_at_the_right_characters():
         lines = text.splitlines()
         k = len(task.parse_question(ex.question)[1])
         (what, pos, mine, theirs), *rest = points
+        oracle = ex.solution.splitlines()
+        assert ("next_result" in [p[0] for p in rest]) == (lines[k - 1][-1] != oracle[k - 1][-1])
+        assert ("answer" in [p[0] for p in rest]) == (lines[k][2] != ex.answer)
         assert what == "next_line" and text[pos] == mine == lines[k - 1][0]
         assert theirs == ex.solution.splitlines()[k - 1][0] != mine  # the oracle's value
         for what, pos, mine, theirs in rest:
@@ -102,10 +105,37 @@ def test_probabilities_of_a_random_model_are_probabilities(tmp_path):
     assert "full" in format_hindsight(got)
 
 
+def test_the_probe_scores_each_point_by_the_next_token_distribution(tmp_path):
+    """One example: each probed probability equals a plain forward pass of the view's prompt and
+    the response up to that character (an independent alignment check, no batching)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.hindsight import char_id
+    from aropd_mlx.views import encode_response, encode_views, render_views
+
+    model, tok = load(str(build_tiny_model(tmp_path / "m", TinySpec(
+        hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64))))
+    views = load_config(overrides=view_overrides(4)).views
+    ex = lab_examples(n=1, k_min=4, k_max=4, seed=3)[0]
+    got = hindsight(model, tok, [ex], views, seed=11)
+    text, points = _probe_points(ex, views, random.Random(11))
+    resp = encode_response(tok, text)
+    prompts = encode_views(tok, render_views(ex, views), views)
+    for name, prompt in prompts.items():
+        for what, pos, consistent, oracle in points:
+            logits = model(mx.array([prompt + resp[:pos]]))[0, -1]
+            p = mx.softmax(logits.astype(mx.float32))
+            assert got[name][what]["consistent"] == pytest.approx(float(p[char_id(tok, consistent)]), abs=2e-4)
+            assert got[name][what]["oracle"] == pytest.approx(float(p[char_id(tok, oracle)]), abs=2e-4)
+
+
 @pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
 def test_the_shipped_default_teacher_computes_after_a_slip_it_has_no_hindsight():
-    """Measured (docs/LAB.md, session 14): every view of the default teacher puts most of its
-    mass on the value the response wrote, none on the oracle's answer."""
+    """Measured (docs/LAB.md, session 14): the privileged views of the default teacher put
+    most of their mass on the value the response wrote, none on the oracle's answer."""
     from mlx_lm import load
 
     from aropd_mlx.config import load_config
@@ -132,7 +162,12 @@ def test_warm_start_copy_rows_show_a_wrong_trace_through_the_full_view(tmp_path)
     from aropd_mlx.lab.setup import copies_reference, warm_encoder
 
     base = replace(SMALL, k_max=4, student_view_k_max=0)
-    assert replace(base, full_copy_share=0.0, full_copy_p=0.3).key() == base.key()
+    from aropd_mlx.lab.defaults import LATER_FIELDS, LabSettings
+
+    # the new fields at their neutral values leave every existing lab's key and recipe alone
+    assert all(getattr(LabSettings(), k) == v for k, v in LATER_FIELDS.items())
+    assert not {"full_copy_share", "full_copy_p", "full_copy_style"} & set(
+        shipped.recipe(LabSettings()))
     assert replace(base, full_copy_share=0.3).key() != base.key()
     with pytest.raises(UserError, match="full_copy_share must lie in"):
         replace(base, full_copy_share=1.5)

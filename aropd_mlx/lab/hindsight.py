@@ -12,12 +12,14 @@ line's first character (and its result, where the two chains' results differ):
 
 `consistent` is the view's probability of the value the response wrote ("1"), `oracle` of the
 reference's value ("4"). A view that computes from the response puts its mass on the first; a
-view that copies its reference, on the second. The slip is put at line k - 2 (in the second
-half, which the partial view's reference does not show), the answer digit is probed the same
-way (the slipped chain's answer against the oracle's).
+view that copies its reference, on the second. The slip is put at line k - 2, so the probed
+line, k - 1, lies past the partial view's half of the reference (for every k >= 2). Three
+points are probed: the next line's first character (`next_line`), its result where the two
+chains' results differ (`next_result`), and the answer digit (`answer`: the slipped chain's,
+which the response's last line already shows, against the reference's `A:`).
 
     numbers = hindsight(model, tokenizer, examples, views)
-    numbers["full"]["next_line"]["oracle"]       # ~0 for the shipped default teacher
+    numbers["full"]["next_result"]["oracle"]     # small (< .3) for the shipped default teacher
 """
 from __future__ import annotations
 
@@ -28,32 +30,28 @@ import numpy as np
 from aropd_mlx.lab import task
 
 
-def slipped(question: str, j: int, wrong: int) -> tuple[list[str], str]:
-    """The oracle trace of `question` with line j's result replaced by `wrong` (which must
-    differ from the oracle's) and every later line computed on from it; and its answer."""
-    return task.slipped_trace(question, {j: wrong})
-
-
 def _probe_points(ex, views, rng: random.Random):
     """(response text, [(what, char position, consistent char, oracle char)]) for one example."""
     steps, answer = task.solve(ex.question)
     j = len(steps) - 2
     good = int(steps[j][-1])
-    lines, mine = slipped(ex.question, j, rng.choice([d for d in range(10) if d != good]))
-    text = views.response_template.format(solution="\n".join(lines), answer=mine)
+    lines, consistent = task.slipped_trace(
+        ex.question, {j: rng.choice([d for d in range(10) if d != good])})
+    text = views.response_template.format(solution="\n".join(lines), answer=consistent)
     start = text.index(lines[j + 1], text.index(lines[j]) + len(lines[j]))
     points = [("next_line", start, lines[j + 1][0], steps[j + 1][0])]
     if lines[j + 1][-1] != steps[j + 1][-1]:
-        points.append(("next_result", start + 4, lines[j + 1][-1], steps[j + 1][-1]))
-    if mine != answer:
-        points.append(("answer", text.rindex("A:" + mine) + 2, mine, answer))
+        points.append(("next_result", start + task.LINE_WIDTH - 1, lines[j + 1][-1],
+                       steps[j + 1][-1]))
+    if consistent != answer:
+        points.append(("answer", text.rindex("A:" + consistent) + 2, consistent, answer))
     return text, points
 
 
 def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64) -> dict:
-    """Per view, mean probability of the response's own value (`consistent`) and of the
-    reference's (`oracle`) after a slip, at the next line's first character and at the answer,
-    over the examples with at least 2 steps."""
+    """Per view and probed point (`next_line`, `next_result`, `answer`: module docstring), the
+    mean probability of the response's own value (`consistent`) and of the reference's
+    (`oracle`) after a slip, over the examples with at least 2 steps; `n` counts the points."""
     import mlx.core as mx
 
     from aropd_mlx.head import head_from_model
@@ -68,7 +66,7 @@ def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64)
         resp = encode_response(tokenizer, text)
         if list(resp[:len(text)]) != [char_id(tokenizer, c) for c in text]:
             raise ValueError("the slip probe needs a tokenizer with one token per character "
-                             "(the lab's)")
+                             "(the lab's): the response's tokens are not its characters")
         rows.append((encode_views(tokenizer, render_views(ex, views), views), resp, points))
     seen: dict = {}
     for name in (rows[0][0] if rows else {}):
@@ -82,10 +80,10 @@ def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64)
                                 [len(r[1]) for r in chunk])
             probs = np.array(mx.softmax(head(h).astype(mx.float32), axis=-1))
             for i, (_, _, points) in enumerate(chunk):
-                for what, pos, mine, theirs in points:
+                for what, pos, consistent, oracle in points:
                     seen.setdefault(name, {}).setdefault(what, []).append(
-                        (probs[i, pos, char_id(tokenizer, mine)],
-                         probs[i, pos, char_id(tokenizer, theirs)]))
+                        (probs[i, pos, char_id(tokenizer, consistent)],
+                         probs[i, pos, char_id(tokenizer, oracle)]))
     return {name: {what: {"consistent": round(float(np.mean([r[0] for r in got])), 4),
                           "oracle": round(float(np.mean([r[1] for r in got])), 4),
                           "n": len(got)}
@@ -93,10 +91,13 @@ def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64)
             for name, kinds in seen.items()}
 
 
-def char_id(tokenizer, char: str) -> int | None:
-    """The token of one character (None where the tokenizer has no single token for it)."""
+def char_id(tokenizer, char: str) -> int:
+    """The token of one character; an error where the tokenizer has no single token for it."""
     ids = tokenizer.encode(char, add_special_tokens=False)
-    return ids[0] if len(ids) == 1 else None
+    if len(ids) != 1:
+        raise ValueError("the slip probe needs a tokenizer with one token per character (the "
+                         f"lab's); {char!r} is {len(ids)} tokens")
+    return ids[0]
 
 
 def format_hindsight(numbers: dict) -> str:

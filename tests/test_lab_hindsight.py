@@ -171,6 +171,10 @@ def test_warm_start_copy_rows_show_a_wrong_trace_through_the_full_view(tmp_path)
     assert replace(base, full_copy_share=0.3).key() != base.key()
     with pytest.raises(UserError, match="full_copy_share must lie in"):
         replace(base, full_copy_share=1.5)
+    with pytest.raises(UserError, match="needs the privileged views"):
+        replace(base, full_copy_share=0.3, warm_view_mix=(1.0, 0.0, 0.0))
+    # without copy rows their probability and style change nothing: same key, same cache
+    assert replace(base, full_copy_p=0.7, full_copy_style="slipped").key() == base.key()
     _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
     cfg = load_config(overrides={**view_overrides(4), "train.method": "sft",
                                  "train.sft_view_mix": [0.5, 0.25, 0.25]})

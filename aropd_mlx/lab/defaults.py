@@ -83,6 +83,9 @@ class LabSettings:
         for name in ("full_copy_share", "full_copy_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"lab settings: {name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.full_copy_share and not any(self.warm_view_mix[1:]):
+            raise UserError("lab settings: full_copy_share needs the privileged views in the "
+                            "warm start (warm_view_mix with a partial or full share)")
         if self.full_copy_style not in ("corrupted", "slipped"):
             raise UserError(f"lab settings: full_copy_style must be corrupted or slipped, "
                             f"got {self.full_copy_style!r}")
@@ -137,7 +140,10 @@ LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed
 
 
 def without_neutral_later_fields(values: dict) -> dict:
-    """asdict(LabSettings) without the LATER_FIELDS at their neutral values."""
+    """asdict(LabSettings) without the LATER_FIELDS at their neutral values (the copy rows'
+    probability and style are neutral too where there are no copy rows)."""
+    if not values.get("full_copy_share"):
+        values = {k: v for k, v in values.items() if k not in ("full_copy_p", "full_copy_style")}
     return {k: v for k, v in values.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 

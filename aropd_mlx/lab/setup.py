@@ -120,8 +120,9 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
                     wrong = replace(ex, solution=task.reference_variant(
                         asdict(ex), f"corrupted:{settings.full_copy_p}", rng)["solution"])
                 enc = super()._encode(wrong)
-                return enc and Encoded(ex, dict.fromkeys(enc.prompts, enc.prompts["full"]),
-                                       enc.oracle)
+                if enc is None:  # a prompt too long for the run
+                    return None
+                return Encoded(ex, dict.fromkeys(enc.prompts, enc.prompts["full"]), enc.oracle)
             enc = super()._encode(ex)
             style = hint_style(settings, ex)
             if enc is not None and style != "oracle":

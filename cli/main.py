@@ -71,7 +71,8 @@ def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again
 def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers here."),
                 dev: bool = typer.Option(False, "--dev", help="On dev problems, not the held-out set.")):
     """What the lab's self-teacher can do on held-out problems, by k: greedy all-steps-correct
-    under the student, partial and full views, and temperature-1 samples of the student view."""
+    under the student, partial and full views, temperature-1 samples of the student view, and the
+    slip probe: after a slip, does each view ask for the response's value or its reference's?"""
     from aropd_mlx.lab.defaults import lab_settings_for
     from aropd_mlx.lab.measure import format_measure, measure_lab
     from aropd_mlx.lab.setup import prepare_lab

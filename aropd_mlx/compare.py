@@ -186,8 +186,8 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
     saved = run_dir / "result.json"
     if settings.reuse and saved.is_file():
         cached = read_json(saved)
-        if cached.get("spec") == spec:
-            return cached
+        if cached.get("spec") == spec:  # where it is now (a compare folder may be moved)
+            return {**cached, "run_dir": str(run_dir)}
     shutil.rmtree(run_dir, ignore_errors=True)  # not reused: made again from scratch
     cfg = load_config(overrides=run_overrides(lab, variant, seed, steps, run_dir,
                                               settings.overrides))

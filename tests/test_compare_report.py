@@ -124,6 +124,16 @@ def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert 4.6 < width / height < 5.4, (width, height)
 
+    # a compare folder moved elsewhere is still reused, its runs found where they are now
+    import shutil
+    moved = tmp_path / "elsewhere" / "cmp"
+    shutil.move(str(out), str(moved))
+    last = moved / saved["runs"][-1]["run_dir"] / "result.json"
+    stamp = last.stat().st_mtime_ns
+    there = compare(replace(settings, out=str(moved)), lab=tiny_lab)
+    assert there["variants"] == result["variants"] and last.stat().st_mtime_ns == stamp
+    assert [r["run_dir"] for r in there["runs"]] == [r["run_dir"] for r in saved["runs"]]
+
 
 def _synthetic_run(d, method="ar-opd", seed=0, long=False):
     from aropd_mlx.diagnostics import RunDiagnostics

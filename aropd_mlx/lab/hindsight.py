@@ -55,35 +55,42 @@ def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64)
     import mlx.core as mx
 
     from aropd_mlx.head import head_from_model
-    from aropd_mlx.scoring import response_hidden
+    from aropd_mlx.rollout import pad_responses
+    from aropd_mlx.scoring import score_views
     from aropd_mlx.views import encode_response, encode_views, render_views
 
-    head, rng, rows = head_from_model(model), random.Random(seed), []
+    ids: dict[str, int] = {}
+
+    def token(char: str) -> int:
+        if char not in ids:
+            ids[char] = char_id(tokenizer, char)
+        return ids[char]
+
+    rng, prompts, responses, probed = random.Random(seed), {}, [], []
     for ex in examples:
         if len(task.parse_question(ex.question)[1]) < 2:
             continue
         text, points = _probe_points(ex, views, rng)
         resp = encode_response(tokenizer, text)
-        if list(resp[:len(text)]) != [char_id(tokenizer, c) for c in text]:
+        if list(resp[:len(text)]) != [token(c) for c in text]:
             raise ValueError("the slip probe needs a tokenizer with one token per character "
                              "(the lab's): the response's tokens are not its characters")
-        rows.append((encode_views(tokenizer, render_views(ex, views), views), resp, points))
-    seen: dict = {}
-    for name in (rows[0][0] if rows else {}):
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            width = max(len(r[1]) for r in chunk)
-            tokens = np.zeros((len(chunk), width), dtype=np.int32)
-            for i, (_, resp, _) in enumerate(chunk):
-                tokens[i, :len(resp)] = resp
-            h = response_hidden(model, [r[0][name] for r in chunk], tokens,
-                                [len(r[1]) for r in chunk])
-            probs = np.array(mx.softmax(head(h).astype(mx.float32), axis=-1))
-            for i, (_, _, points) in enumerate(chunk):
-                for what, pos, consistent, oracle in points:
-                    seen.setdefault(name, {}).setdefault(what, []).append(
-                        (probs[i, pos, char_id(tokenizer, consistent)],
-                         probs[i, pos, char_id(tokenizer, oracle)]))
+        for name, prompt in encode_views(tokenizer, render_views(ex, views), views).items():
+            prompts.setdefault(name, []).append(prompt)
+        responses.append(resp)
+        probed.append(points)
+    if not responses:
+        return {}
+    padded = pad_responses(responses, [True] * len(responses))
+    hidden = score_views(model, prompts, np.array(padded.tokens), padded.lengths,
+                         micro_batch=batch)
+    head, seen = head_from_model(model), {}
+    for name, h in hidden.items():
+        probs = np.array(mx.softmax(head(h).astype(mx.float32), axis=-1))
+        for i, points in enumerate(probed):
+            for what, pos, consistent, oracle in points:
+                seen.setdefault(name, {}).setdefault(what, []).append(
+                    (probs[i, pos, token(consistent)], probs[i, pos, token(oracle)]))
     return {name: {what: {"consistent": round(float(np.mean([r[0] for r in got])), 4),
                           "oracle": round(float(np.mean([r[1] for r in got])), 4),
                           "n": len(got)}

@@ -229,3 +229,56 @@ def test_the_shipped_hindsight_lab_model_reproduces_its_numbers_and_its_hindsigh
         for what in ("next_line", "next_result"):
             assert abs(got[view][what]["oracle"] - want[view][what]["oracle"]) < 0.15, (view, what)
     assert got["full"]["next_result"]["oracle"] > 0.8 > 0.1 > got["partial"]["next_result"]["oracle"]
+
+
+def test_warm_init_goes_on_from_a_named_labs_model(tmp_path, monkeypatch):
+    """LabSettings.warm_init: the warm start begins from the named lab's model (prepared as
+    prepare_lab does: here built into the cache) instead of a fresh tiny model, and runs only
+    its own phases; an unknown name or another spec is one clear error; the key changes with it
+    and labs without it keep theirs (the shipped ones' hashes: test_lab_shipped)."""
+    import json
+    from dataclasses import asdict
+
+    from aropd_mlx.lab import defaults, setup
+
+    monkeypatch.setenv("AROPD_MLX_CACHE", str(tmp_path / "cache"))
+    small = replace(SMALL, warm_steps=3)
+    monkeypatch.setattr(defaults, "NAMED_LABS", {"small": json.loads(json.dumps(asdict(small)))})
+    on = replace(small, warm_init="small", warm_steps=2, full_copy_share=0.5,
+                 full_copy_style="slipped")
+    assert on.key() != replace(on, warm_init="").key()
+    assert replace(small, warm_init="").key() == small.key()
+    with pytest.raises(UserError, match="warm_init must name a lab \\(small\\), got 'smal'"):
+        replace(on, warm_init="smal")
+    with pytest.raises(UserError, match="needs that lab's spec"):
+        replace(on, spec=TinySpec(hidden=16, layers=1, heads=2, kv_heads=2, intermediate=32))
+
+    base = setup.prepare_lab(defaults.settings_from(defaults.NAMED_LABS["small"]))
+    started = {}
+    real_start = setup.start_model
+
+    def spy(settings, dest):
+        got = real_start(settings, dest)
+        started["bytes"] = (got / "model.safetensors").read_bytes()
+        return got
+
+    monkeypatch.setattr(setup, "start_model", spy)
+    monkeypatch.setattr(setup, "build_tiny_model", lambda *a: pytest.fail("a fresh model was built"))
+    lab = setup.prepare_lab(on, root=tmp_path / "on")
+    assert started["bytes"] == (base.model_path / "model.safetensors").read_bytes()
+    steps = (lab.root / "warm_run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in steps] == [1, 2]
+    assert (lab.model_path / "model.safetensors").read_bytes() != started["bytes"]  # it trained
+
+
+def test_the_long_hindsight_lab_goes_on_from_the_long_labs_model():
+    """AROPD_MLX_LAB=long_hindsight: the long lab's spec, layout and data, none of its student
+    phases, one mixed phase with copy rows of a writer who slips."""
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from
+
+    long, long_h = settings_from(NAMED_LABS["long"]), settings_from(NAMED_LABS["long_hindsight"])
+    assert long_h.warm_init == "long" and long_h.spec == long.spec
+    assert (long_h.k_max, long_h.question_last, long_h.partial_outline, long_h.n_train) == (
+        long.k_max, long.question_last, long.partial_outline, long.n_train)
+    assert not long_h.student_phases() and long_h.mixed_phases() == [(100, 40, "warm_run", "all views")]
+    assert (long_h.full_copy_share, long_h.full_copy_style) == (0.3, "slipped")

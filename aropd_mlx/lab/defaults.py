@@ -78,6 +78,10 @@ class LabSettings:
     full_copy_share: float = 0.0
     full_copy_p: float = 0.3
     full_copy_style: str = "corrupted"
+    # a named lab (NAMED_LABS) whose model the warm start goes on from, in place of a fresh
+    # tiny model: its phases then add to that lab's training (e.g. copy rows on top of the long
+    # lab's teacher, docs/LAB.md session 15); the spec must be that lab's. "": from scratch
+    warm_init: str = ""
 
     def __post_init__(self):
         for name in ("full_copy_share", "full_copy_p"):
@@ -95,6 +99,13 @@ class LabSettings:
         if self.warm_mixed_schedule and self.warm_steps:
             raise UserError("lab settings: warm_mixed_schedule replaces warm_steps; "
                             "set warm_steps to 0")
+        if self.warm_init:
+            if self.warm_init not in NAMED_LABS:
+                raise UserError(f"lab settings: warm_init must name a lab ({', '.join(NAMED_LABS)}), "
+                                f"got {self.warm_init!r}")
+            if asdict(self.spec) != asdict(settings_from(NAMED_LABS[self.warm_init]).spec):
+                raise UserError(f"lab settings: warm_init {self.warm_init!r} needs that lab's spec "
+                                "(the model's shape), not another")
         for name in ("warm_student_schedule", "warm_mixed_schedule"):
             for phase in getattr(self, name):
                 if (len(phase) != 2 or not all(isinstance(x, int) and x > 0 for x in phase)):
@@ -136,7 +147,7 @@ class LabSettings:
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
                 "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3,
-                "full_copy_style": "corrupted"}
+                "full_copy_style": "corrupted", "warm_init": ""}
 
 
 def without_neutral_later_fields(values: dict) -> dict:
@@ -220,7 +231,9 @@ def lab_preset(lab, cfg=None) -> dict:
 # (lab/shipped.py): "long", rollouts of up to 244 tokens (k <= 40), whose anchor computes past its
 # hint because the rest of its reference restates each step's operation (docs/LAB.md, session 12);
 # "hindsight", the default lab but for a full view that copies its reference's results after a
-# student's slip, as the paper's full-solution teacher does (full_copy_share; LAB.md, session 14)
+# student's slip, as the paper's full-solution teacher does (full_copy_share; LAB.md, session 14);
+# "long_hindsight", the long lab's teacher given that hindsight by 100 more warm-start steps
+# with copy rows (warm_init; LAB.md, session 15)
 NAMED_LABS = {
     "hindsight": {"full_copy_share": 0.3, "full_copy_style": "slipped"},
     "long": {"k_max": 40, "eval_ks": [5, 10, 15, 20, 25, 30, 35, 40], "n_eval_per_k": 48,
@@ -231,12 +244,15 @@ NAMED_LABS = {
              "spec": {"hidden": 128, "layers": 3, "heads": 4, "kv_heads": 4, "intermediate": 384,
                       "max_position": 1024, "rope_theta": 500.0}},
 }
+NAMED_LABS["long_hindsight"] = {**NAMED_LABS["long"], "warm_init": "long",
+                                "warm_student_schedule": [], "warm_steps": 100,
+                                "full_copy_share": 0.3, "full_copy_style": "slipped"}
 
 
 def lab_settings_for(cfg=None) -> LabSettings:
     """The lab's settings; env AROPD_MLX_LAB='{"warm_steps": 2000, "k_max": 8}' changes them
     (a bigger or smaller lab; each distinct setting is built and cached once), and
-    AROPD_MLX_LAB=long or =hindsight picks a named one (NAMED_LABS)."""
+    AROPD_MLX_LAB=long, =hindsight or =long_hindsight picks a named one (NAMED_LABS)."""
     raw = os.environ.get("AROPD_MLX_LAB")
     if not raw:
         return LabSettings()

@@ -146,7 +146,8 @@ WARM_SAVE_EVERY = 50  # a lab build checkpoints this often (and at each phase's 
 
 
 def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = None) -> Path:
-    """Train the tiny model from scratch with the project's own `sft`, then save it as a model."""
+    """Train the tiny model with the project's own `sft` (from scratch, or from the model of the
+    lab settings.warm_init names), then save it as a model."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -155,7 +156,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     from aropd_mlx.models import Teacher, load_student
     from aropd_mlx.trainer import train
 
-    init_dir = build_tiny_model(root / "init", settings.spec)
+    init_dir = start_model(settings, root / "init")
     overrides = {
         **view_overrides(settings.k_max, settings.question_last, settings.partial_outline),
         "model.path": str(init_dir), "model.fine_tune_type": "full",
@@ -185,6 +186,19 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "pt"})
     return out
+
+
+def start_model(settings: LabSettings, dest: Path) -> Path:
+    """The warm start's first weights: a fresh tiny model, or the model of the named lab that
+    settings.warm_init goes on from (installed from the package, or built, as prepare_lab does)."""
+    if not settings.warm_init:
+        return build_tiny_model(dest, settings.spec)
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from
+
+    base = prepare_lab(settings_from(NAMED_LABS[settings.warm_init]))
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(base.model_path, dest)
+    return dest
 
 
 def _tagged(on_step: Callable | None, phase: str, steps: int) -> Callable | None:

@@ -49,7 +49,8 @@ class CompareSettings:
     overrides: dict = field(default_factory=dict)  # extra config keys for every trained run
     # "clean": the privileged references are the oracle traces; "other-writer": another
     # writer's (task.reference_variant "reversed_notation": operands swapped, subtraction as
-    # adding the inverse), for the teacher's views and as SFT's targets alike
+    # adding the inverse); "stronger-writer": a writer who does two operations per line
+    # ("two_per_line"); for the teacher's views and as SFT's targets alike
     setting: str = "clean"
     sft_steps: int | None = None  # SFT's own step count (e.g. AR-OPD's wall-clock); None: steps
     # response-length bucket edges in tokens (e.g. (64, 128, 192)): compare.md adds tables by
@@ -88,7 +89,10 @@ class CompareSettings:
         return self
 
 
-SETTINGS = {"clean": "oracle", "other-writer": "reversed_notation"}  # -> reference style
+# -> reference style; "stronger-writer": two operations per line (task "two_per_line"), a
+# reference the one-step-a-line student cannot copy line for line
+SETTINGS = {"clean": "oracle", "other-writer": "reversed_notation",
+            "stronger-writer": "two_per_line"}
 
 # From measured step costs (docs/EVALUATION.md "Measured cost"): <= 8 min on 2 idle cores.
 QUICK = {"seeds": 2, "steps": 30}

@@ -5,7 +5,8 @@
     aropd-mlx compare --lams 0.6,0.8,1.2 --partial-ratios 0.25,0.5 --out runs/sweep
     aropd-mlx compare --methods full-opd,ar-opd --seeds 1 --steps 2   # a smoke run
     aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
-    AROPD_MLX_LAB='{"k_max": 40, ...}' aropd-mlx compare --length-buckets 64,128,192  # long rollouts
+    AROPD_MLX_LAB=hindsight aropd-mlx compare --partial-ratios 0   # a full view with hindsight
+    AROPD_MLX_LAB=long_hindsight aropd-mlx compare --length-buckets 64,128,192  # long rollouts
 """
 from __future__ import annotations
 
@@ -75,13 +76,14 @@ def compare_command(
     dev: bool = typer.Option(False, "--dev", help="Evaluate on dev problems (for choosing settings; "
                                                   "the held-out set stays for results)."),
     setting: str = typer.Option("clean", help=(
-        "clean: oracle references; other-writer: another writer's notation, for the "
-        "teacher's views and SFT's targets alike.")),
+        "clean: oracle references; other-writer: another writer's notation; stronger-writer: "
+        "two operations per line; for the teacher's views and SFT's targets alike.")),
     sft_steps: Optional[int] = typer.Option(None, "--sft-steps", help=(
         "SFT's own step count (e.g. the steps that match AR-OPD's wall-clock).")),
     length_buckets: Optional[List[str]] = typer.Option(None, "--length-buckets", help=(
         "Token edges of response-length buckets, e.g. 64,128,192: compare.md adds tables by "
-        "the length of a correct response (a long-rollout lab: AROPD_MLX_LAB='{\"k_max\": 40}').")),
+        "the length of a correct response (a long-rollout lab: AROPD_MLX_LAB=long or "
+        "=long_hindsight).")),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=(
         "KEY=VALUE config override for every trained run, repeatable, e.g. "
         "--set train.learning_rate=1e-4 --set model.fine_tune_type=full.")),

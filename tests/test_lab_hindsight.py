@@ -282,3 +282,28 @@ def test_the_long_hindsight_lab_goes_on_from_the_long_labs_model():
         long.k_max, long.question_last, long.partial_outline, long.n_train)
     assert not long_h.student_phases() and long_h.mixed_phases() == [(100, 40, "warm_run", "all views")]
     assert (long_h.full_copy_share, long_h.full_copy_style) == (0.3, "slipped")
+
+
+@pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("long_hindsight")) is None,
+                    reason="no long hindsight lab model shipped in this checkout")
+def test_the_shipped_long_hindsight_lab_model_reproduces_its_numbers_and_its_hindsight():
+    """AROPD_MLX_LAB=long_hindsight's model: its greedy student and anchor at a short, a middle
+    and a long k, and the slip probe (dev problems, 4 per k): a full view that asks for the
+    reference's result after a slip, an anchor that goes on from the written value."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+    from aropd_mlx.lab.measure import dev_examples
+
+    folder = shipped.shipped_dir("long_hindsight")
+    settings = settings_from(NAMED_LABS["long_hindsight"])
+    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
+                                                 settings.partial_outline)).views
+    assert_reproduces(folder, settings, views, (5, 25, 35), names=("student", "partial"))
+    model, tok = load(str(folder))
+    got = hindsight(model, tok, dev_examples(settings, 4), views)
+    want = shipped.manifest(folder)["measured"]["hindsight"]
+    for view in ("partial", "full"):
+        assert abs(got[view]["next_result"]["oracle"] - want[view]["next_result"]["oracle"]) < 0.15
+    assert got["full"]["next_result"]["oracle"] > 0.8 > 0.1 > got["partial"]["next_result"]["oracle"]

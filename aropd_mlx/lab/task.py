@@ -22,10 +22,12 @@ How `check` reads a response (the definitions the lab's metrics rest on)
 * The **answer line** is the first line that is exactly ``A:<digit>``. Nothing after it is
   read (generation should have stopped there). A line such as ``A:12`` or ``A:`` is not an
   answer line; it is garbage. With no answer line, ``answer`` is None and is not correct.
-* Every non-blank line before the answer line is a **written step**, by position: line i is
-  the response's attempt at step i (0-based). Garbage lines count as written (and wrong);
-  lines at positions >= k are **extra steps** (never correct).
-* Step i (i < k) is **locally valid** when the line is well formed (``<d><op><d>=<d>``) and
+* Every non-blank line before the answer line is a **written step**, by position: a line
+  shaped like a double step (``<d><op><d><op><d>=<d>``) stands for the next two positions,
+  every other line (garbage too) for the next one; so with one step a line, line i is the
+  response's attempt at step i (0-based). Garbage lines count as written (and wrong);
+  positions >= k are **extra steps** (never correct). ``steps_written`` counts positions.
+* Step i (i < k) of a single-step line is **locally valid** when it is well formed (``<d><op><d>=<d>``) and
   is one of the ways the task allows to write the question's i-th operation applied to the
   previous result *as written by the response* (for step 0: the question's start digit),
   with that arithmetic's result mod 10 (`accepted_lines`): the oracle's ``<prev><op><b>``;
@@ -34,7 +36,11 @@ How `check` reads a response (the definitions the lab's metrics rest on)
   references (`reference_variant`'s ``"reversed_notation"``) are therefore correct steps. If line i-1 is garbage, there is no written
   previous result, so step i is not locally valid either. A chain that slipped can continue
   validly: ``7+5=3`` then ``3*3=9`` has step 1 valid (step 0 is not).
-* ``steps_correct`` counts locally valid lines among the first k positions.
+* A double step at positions i, i+1 (i + 1 < k) is locally valid when it is the question's
+  operations i and i+1 applied left to right to the previous written result, with the result
+  after both (`double_step_line`: ``7+5*3=6``, a stronger writer who skips a line; only this
+  order); both positions are then valid, or both not.
+* ``steps_correct`` counts the locally valid positions among the first k.
 * ``answer_correct``: the answer line's digit equals the oracle answer.
 * ``all_steps_correct``: exactly k written steps, all locally valid, and the answer correct.
   (k locally valid steps reproduce the oracle's values, so the chain and the oracle agree.)
@@ -57,12 +63,14 @@ Shortcut events (METHOD.md, last section), counted once per response
 
 Reference variants (privileged references a student cannot copy as they are)
 -------------------------------------------------------------------------------
-`reference_variant` rewrites an example's solution; every line stays 5 characters so that
-hint line i aligns with response line i. Styles: ``"oracle"`` (unchanged), ``"values"``
+`reference_variant` rewrites an example's solution; every line but the stronger writer's stays
+5 characters so that hint line i aligns with response line i. Styles: ``"oracle"`` (unchanged), ``"values"``
 (only the running values, ``"...=2"``), ``"corrupted:<p>"`` (each line independently, with
 probability p, gets a wrong result digit; the answer is kept), ``"reversed_notation"``
 (operands swapped, ``"5+7=2"``; a subtraction ``6-2=4`` is written as adding the additive
-inverse, ``"8+6=4"``, so every line remains a true equation mod 10).
+inverse, ``"8+6=4"``, so every line remains a true equation mod 10), ``"two_per_line"`` (a
+stronger writer: two operations a line, ``"7+5*3=6"``, the last line single when k is odd;
+half the lines, none aligned with the student's: a reference it cannot copy as it is).
 """
 
 from __future__ import annotations
@@ -81,10 +89,11 @@ OPS: dict[str, tuple[int, ...]] = {
 QUESTION_PREFIX = "Q:"
 ANSWER_PREFIX = "A:"
 LINE_WIDTH = 5  # every step line, and every reference-variant line, has this many characters
-STYLES = ("oracle", "values", "corrupted:<p>", "reversed_notation")
+STYLES = ("oracle", "values", "corrupted:<p>", "reversed_notation", "two_per_line")
 
 _QUESTION_RE = re.compile(r"Q:(\d)((?:[+\-*]\d)+)")
 _STEP_RE = re.compile(r"(\d)([+\-*])(\d)=(\d)")
+_STEP2_RE = re.compile(r"(\d)([+\-*])(\d)([+\-*])(\d)=(\d)")
 _ANSWER_RE = re.compile(r"A:(\d)")
 
 
@@ -282,8 +291,20 @@ def _step_valid(line: str, expected_left: int | None, op: str, b: int) -> bool:
 
 
 def _written_result(line: str) -> int | None:
-    m = _STEP_RE.fullmatch(line)
-    return int(m.group(4)) if m is not None else None
+    m = _STEP_RE.fullmatch(line) or _STEP2_RE.fullmatch(line)
+    return int(m.groups()[-1]) if m is not None else None
+
+
+def double_step_line(prev: int, op1: str, b1: int, op2: str, b2: int) -> str:
+    """A stronger writer's line for two steps at once, read left to right:
+    ``double_step_line(7, "+", 5, "*", 3) == "7+5*3=6"`` ((7 + 5) * 3 mod 10)."""
+    return f"{prev}{op1}{b1}{op2}{b2}={apply_op(apply_op(prev, op1, b1), op2, b2)}"
+
+
+def _line_ops(line: str) -> int:
+    """How many of the question's operations a written line stands for: 2 for a line shaped
+    like a stronger writer's double step (``<d><op><d><op><d>=<d>``), else 1 (garbage too)."""
+    return 2 if _STEP2_RE.fullmatch(line) is not None else 1
 
 
 def check(question: str, response: str) -> Verdict:
@@ -293,35 +314,43 @@ def check(question: str, response: str) -> Verdict:
     k = len(ops)
     steps, answer = _read_response(response)
 
-    valid = []
+    valid: list[bool] = []  # one entry per operation a written line stands for (position)
     prev: int | None = start
-    for i, line in enumerate(steps[:k]):
-        op, b = ops[i]
-        valid.append(_step_valid(line, prev, op, b))
+    for line in steps:
+        i, n = len(valid), _line_ops(line)
+        if i >= k:
+            break
+        if n == 2:
+            ok = (prev is not None and i + 1 < k
+                  and line == double_step_line(prev, *ops[i], *ops[i + 1]))
+        else:
+            ok = _step_valid(line, prev, *ops[i])
+        valid += [ok] * n
         prev = _written_result(line)
+    written = sum(_line_ops(line) for line in steps)
 
-    steps_correct = sum(valid)
+    steps_correct = sum(valid[:k])
     answer_correct = answer is not None and answer == oracle_answer
-    required_ok = len(steps) >= k and all(valid)
-    all_ok = required_ok and len(steps) == k and answer_correct
+    required_ok = written >= k and all(valid[:k])
+    all_ok = required_ok and written == k and answer_correct
 
     if all_ok:
         first_error = None
     elif not required_ok:
-        first_error = next((i for i, v in enumerate(valid) if not v), len(valid))
+        first_error = next((i for i, v in enumerate(valid[:k]) if not v), len(valid))
     else:
         first_error = k
 
     shortcut = None
-    if answer is not None and len(steps) < k:
+    if answer is not None and written < k:
         shortcut = "no_steps"
-    elif answer_correct and not all(valid):
+    elif answer_correct and not all(valid[:k]):
         shortcut = "copied_foresight"
 
     return Verdict(
         answer=answer,
         answer_correct=answer_correct,
-        steps_written=len(steps),
+        steps_written=written,
         steps_required=k,
         steps_correct=steps_correct,
         all_steps_correct=all_ok,
@@ -381,6 +410,13 @@ def reference_variant(example: dict, style: str, rng: random.Random) -> dict:
         for op, b in ops:
             lines.append(_reversed_line(prev, op, b))
             prev = apply_op(prev, op, b)
+    elif style == "two_per_line":
+        lines, prev = [], start
+        for j in range(0, len(ops), 2):
+            pair = ops[j:j + 2]
+            lines.append(double_step_line(prev, *pair[0], *pair[1]) if len(pair) == 2
+                         else step_line(prev, *pair[0]))
+            prev = int(lines[-1][-1])
     else:
         raise ValueError(f"unknown reference style {style!r}; expected one of {', '.join(STYLES)}")
     out = dict(example)

@@ -92,7 +92,8 @@ def test_a_named_labs_model_is_found_in_its_own_folder(ship, tmp_path, monkeypat
 
 
 def test_well_formed_and_rates_follow_the_checker():
-    assert well_formed("7+5=2\n2*3=6\nA:6") and well_formed("A:3")
+    assert well_formed("7+5=2\n2*3=6\nA:6") and well_formed("A:3") and well_formed("7+5*3=6\nA:6")
+    assert not well_formed("7+5*3-1=5\nA:5")
     assert not well_formed("7+5=2\n2*3=6") and not well_formed("7+5=22\nA:2")
     assert not well_formed("") and not well_formed("7+5=2\nA:12")
     ex = lab_examples(n=6, k_min=2, k_max=2, seed=3)

@@ -82,6 +82,27 @@ def test_the_probe_reads_the_next_line_and_the_answer_at_the_right_characters():
                 assert theirs == ex.answer != mine
 
 
+def test_an_early_slip_is_put_at_line_0_and_probed_at_line_1():
+    """slip="early": the first line's result is wrong, the chain goes on from it; the probed
+    line is line 1, inside the partial view's half of the reference (k >= 4)."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+
+    views = load_config(overrides=view_overrides(12)).views
+    rng = random.Random(0)
+    for ex in lab_examples(n=40, k_min=4, k_max=8, seed=4):
+        text, points = _probe_points(ex, views, rng, slip="early")
+        lines, oracle = text.splitlines(), ex.solution.splitlines()
+        assert lines[0][:-1] == oracle[0][:-1] and lines[0][-1] != oracle[0][-1]
+        assert task.check(ex.question, text).first_error_step == 0  # only line 0 is wrong
+        assert task.check(ex.question, text).steps_correct == len(oracle) - 1
+        what, pos, mine, theirs = points[0]
+        assert what == "next_line" and pos == len(lines[0]) + 1 and text[pos] == mine
+        assert (mine, theirs) == (lines[1][0], oracle[1][0])
+    with pytest.raises(ValueError, match="slip must be"):
+        hindsight(None, None, [], views, slip="middle")
+
+
 def test_probabilities_of_a_random_model_are_probabilities(tmp_path):
     from mlx_lm import load
 
@@ -95,6 +116,9 @@ def test_probabilities_of_a_random_model_are_probabilities(tmp_path):
     got = hindsight(model, tok, examples, views, batch=5)  # batches of 5: padding is exercised
     one = hindsight(model, tok, examples, views, batch=64)
     n = sum(len(task.parse_question(e.question)[1]) >= 2 for e in examples)
+    early = hindsight(model, tok, examples, views, slip="early")
+    assert early["full"]["next_line"]["n"] == sum(
+        len(task.parse_question(e.question)[1]) >= 4 for e in examples) > 0
     assert set(got) == {"student", "partial", "full"}
     for name, kinds in got.items():
         assert kinds["next_line"]["n"] == n
@@ -105,7 +129,8 @@ def test_probabilities_of_a_random_model_are_probabilities(tmp_path):
     assert "full" in format_hindsight(got)
 
 
-def test_the_probe_scores_each_point_by_the_next_token_distribution(tmp_path):
+@pytest.mark.parametrize("slip", ["late", "early"])
+def test_the_probe_scores_each_point_by_the_next_token_distribution(tmp_path, slip):
     """One example: each probed probability equals a plain forward pass of the view's prompt and
     the response up to that character (an independent alignment check, no batching)."""
     import mlx.core as mx
@@ -120,8 +145,8 @@ def test_the_probe_scores_each_point_by_the_next_token_distribution(tmp_path):
         hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64))))
     views = load_config(overrides=view_overrides(4)).views
     ex = lab_examples(n=1, k_min=4, k_max=4, seed=3)[0]
-    got = hindsight(model, tok, [ex], views, seed=11)
-    text, points = _probe_points(ex, views, random.Random(11))
+    got = hindsight(model, tok, [ex], views, seed=11, slip=slip)
+    text, points = _probe_points(ex, views, random.Random(11), slip)
     resp = encode_response(tok, text)
     prompts = encode_views(tok, render_views(ex, views), views)
     for name, prompt in prompts.items():

@@ -12,8 +12,11 @@ line's first character (and its result, where the two chains' results differ):
 
 `consistent` is the view's probability of the value the response wrote ("1"), `oracle` of the
 reference's value ("4"). A view that computes from the response puts its mass on the first; a
-view that copies its reference, on the second. The slip is put at line k - 2, so the probed
-line, k - 1, lies past the partial view's half of the reference (for every k >= 2). Three
+view that copies its reference, on the second. The slip is put at line k - 2 (`slip="late"`),
+so the probed line, k - 1, lies past the partial view's half of the reference (for every
+k >= 2): does the full view copy where the anchor has to compute? `slip="early"` puts it at
+line 0 and probes line 1, inside the partial view's half too (problems with k >= 4): does the
+anchor itself copy the part of the reference it is shown (docs/LAB.md, session 15)? Three
 points are probed: the next line's first character (`next_line`), its result where the two
 chains' results differ (`next_result`), and the answer digit (`answer`: the slipped chain's,
 which the response's last line already shows, against the reference's `A:`).
@@ -30,10 +33,13 @@ import numpy as np
 from aropd_mlx.lab import task
 
 
-def _probe_points(ex, views, rng: random.Random):
+SLIPS = {"late": 2, "early": 4}  # where the slip goes -> the fewest steps a probed problem has
+
+
+def _probe_points(ex, views, rng: random.Random, slip: str = "late"):
     """(response text, [(what, char position, consistent char, oracle char)]) for one example."""
     steps, answer = task.solve(ex.question)
-    j = len(steps) - 2
+    j = 0 if slip == "early" else len(steps) - 2
     good = int(steps[j][-1])
     lines, consistent = task.slipped_trace(
         ex.question, {j: rng.choice([d for d in range(10) if d != good])})
@@ -48,10 +54,12 @@ def _probe_points(ex, views, rng: random.Random):
     return text, points
 
 
-def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64) -> dict:
+def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64,
+              slip: str = "late") -> dict:
     """Per view and probed point (`next_line`, `next_result`, `answer`: module docstring), the
     mean probability of the response's own value (`consistent`) and of the reference's
-    (`oracle`) after a slip, over the examples with at least 2 steps; `n` counts the points."""
+    (`oracle`) after a slip (`slip`: "late" or "early", module docstring), over the examples
+    with enough steps (SLIPS); `n` counts the points."""
     import mlx.core as mx
 
     from aropd_mlx.head import head_from_model
@@ -66,11 +74,13 @@ def hindsight(model, tokenizer, examples, views, seed: int = 0, batch: int = 64)
             ids[char] = char_id(tokenizer, char)
         return ids[char]
 
+    if slip not in SLIPS:
+        raise ValueError(f"slip must be one of {', '.join(SLIPS)}, got {slip!r}")
     rng, prompts, responses, probed = random.Random(seed), {}, [], []
     for ex in examples:
-        if len(task.parse_question(ex.question)[1]) < 2:
+        if len(task.parse_question(ex.question)[1]) < SLIPS[slip]:
             continue
-        text, points = _probe_points(ex, views, rng)
+        text, points = _probe_points(ex, views, rng, slip)
         resp = encode_response(tokenizer, text)
         if list(resp[:len(text)]) != [token(c) for c in text]:
             raise ValueError("the slip probe needs a tokenizer with one token per character "
@@ -107,9 +117,11 @@ def char_id(tokenizer, char: str) -> int:
     return ids[0]
 
 
-def format_hindsight(numbers: dict) -> str:
+def format_hindsight(numbers: dict, slip: str = "late") -> str:
     """A table: per view, P(consistent) / P(oracle) after a slip."""
-    lines = ["after a slip   P(the response's value) / P(the reference's value)",
+    where = ("at line 0 (inside the anchor's half)" if slip == "early" else
+             "at line k-2 (past the anchor's half)")
+    lines = [f"after a slip {where}   P(the response's value) / P(the reference's value)",
              "view      next line's first char   its result        answer"]
     for name, kinds in numbers.items():
         cells = [f"{kinds[w]['consistent']:.3f} / {kinds[w]['oracle']:.3f}" if w in kinds else "-"

@@ -102,7 +102,7 @@ def dev_examples(settings, n_per_k: int | None = None) -> list:
 
 def measure_lab(lab, seed: int = 0, dev: bool = False) -> dict:
     """`measure_teacher` of a prepared lab (setup.Lab) on its held-out problems (`dev`: on
-    dev_examples instead), and the slip probe of its views (lab/hindsight.py)."""
+    dev_examples instead), and the slip probe of its views, late and early (lab/hindsight.py)."""
     from mlx_lm import load
 
     from aropd_mlx.config import load_config
@@ -115,6 +115,8 @@ def measure_lab(lab, seed: int = 0, dev: bool = False) -> dict:
     numbers = measure_teacher(model, tokenizer, examples, cfg.views,
                               max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
     numbers["hindsight"] = hindsight(model, tokenizer, examples, cfg.views, seed=seed)
+    numbers["hindsight_early"] = hindsight(model, tokenizer, examples, cfg.views, seed=seed,
+                                           slip="early")
     return numbers
 
 
@@ -131,6 +133,7 @@ def format_measure(numbers: dict) -> str:
                      f"{get('full')['all_steps_correct']:5.3f}  "
                      f"{get('student_t1')['all_steps_correct']:13.3f}  "
                      f"{get('student_t1')['well_formed']:15.3f}")
-    if "hindsight" in numbers:  # manifests written before the slip probe lack it
-        lines += ["", format_hindsight(numbers["hindsight"])]
+    for key, slip in (("hindsight", "late"), ("hindsight_early", "early")):
+        if key in numbers:  # manifests written before a probe existed lack it
+            lines += ["", format_hindsight(numbers[key], slip)]
     return "\n".join(lines)

@@ -11,8 +11,6 @@ temperature-1 samples are mostly well formed (rollouts are not noise).
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from aropd_mlx.lab import task
@@ -20,16 +18,13 @@ from aropd_mlx.lab.hindsight import format_hindsight, hindsight
 from aropd_mlx.rollout import RolloutSettings, sample
 from aropd_mlx.views import encode_prompt, render_views
 
-_LINE = re.compile(r"[0-9](?:[+\-*][0-9]){1,2}=[0-9]")  # one step, or a stronger writer's two
-_ANSWER = re.compile(r"A:[0-9]")
-
 
 def well_formed(response: str) -> bool:
     """Every line a step `d?d=d` (or a double step `d?d?d=d`) or, last, the answer `A:d` (the
     task's grammar)."""
     lines = [l.strip() for l in response.splitlines() if l.strip()]
-    return bool(lines) and _ANSWER.fullmatch(lines[-1]) is not None and all(
-        _LINE.fullmatch(l) for l in lines[:-1])
+    return bool(lines) and task.is_answer_line(lines[-1]) and all(
+        task.is_step_line(l) for l in lines[:-1])
 
 
 def _responses(model, tokenizer, examples, views, view: str, temperature: float,

@@ -301,6 +301,17 @@ def double_step_line(prev: int, op1: str, b1: int, op2: str, b2: int) -> str:
     return f"{prev}{op1}{b1}{op2}{b2}={apply_op(apply_op(prev, op1, b1), op2, b2)}"
 
 
+def is_step_line(line: str) -> bool:
+    """Whether a line is shaped like a step: one operation (``7+5=2``) or a stronger writer's
+    two (``7+5*3=6``), right or wrong."""
+    return bool(_STEP_RE.fullmatch(line) or _STEP2_RE.fullmatch(line))
+
+
+def is_answer_line(line: str) -> bool:
+    """Whether a line is an answer line (``A:<digit>``)."""
+    return _ANSWER_RE.fullmatch(line) is not None
+
+
 def _line_ops(line: str) -> int:
     """How many of the question's operations a written line stands for: 2 for a line shaped
     like a stronger writer's double step (``<d><op><d><op><d>=<d>``), else 1 (garbage too)."""

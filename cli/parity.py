@@ -57,8 +57,9 @@ def parity_command(
                                   "weight's gradient; no --adapter)."),
 ):
     """MLX against the torch mirror on one batch: log-probs, target, loss, LoRA gradients."""
-    from aropd_mlx.backends.torch.parity import format_parity, run_parity
+    from aropd_mlx.backends.torch.parity import format_parity, full_fp32_matmuls, run_parity
 
+    full_fp32_matmuls()  # before any MLX work on a GPU: MLX reads the TF32 switch once
     with tempfile.TemporaryDirectory(prefix="aropd-parity-model-") as tmp:
         report = run_parity(_model_path(model, tmp), adapter=adapter, device=device,
                             method=method, seed=seed, n_prompts=prompts, group_size=group_size,

@@ -29,7 +29,13 @@
 # --system-site-packages at DEVICE_CHECK_VENV, default /tmp/aropd-device-venv, so a
 # preinstalled torch is reused), DEVICE_CHECK_MLX_EXTRA (cuda12 | cuda13; default from the
 # driver's CUDA version in nvidia-smi), DEVICE_CHECK_BUDGET, DEVICE_CHECK_PEER_ARGS (extra
-# arguments of `bench peer`), DEVICE_CHECK_WHEELS (the wheel folder, default .whl).
+# arguments of `bench peer`), DEVICE_CHECK_WHEELS (the wheel folder, default .whl),
+# DEVICE_CHECK_SIZES (quick, the default: smoke sizes; full: `bench step` and `bench peer` at
+# their default sizes, peer 5 rounds). MLX's CUDA library finds the nvidia-* libraries by a path
+# relative to its own folder, so where torch's nvidia-* packages live in the interpreter's own
+# site-packages (the H200 image: /opt/torch/.venv), set PYTHON=python3: a venv would hold mlx
+# but not them. Torch on CUDA multiplies fp32 in full precision, MLX in TF32 unless
+# MLX_ENABLE_TF32=0; `parity` sets it to 0 unless it is set (docs/PARITY.md).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -53,7 +59,9 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/device-check.log
 VENV=${DEVICE_CHECK_VENV:-/tmp/aropd-device-venv}
 DEVICE_CHECK_MODE=$MODE
-export OUT VENV DEVICE_CHECK_MODE
+SIZES=${DEVICE_CHECK_SIZES:-quick}
+case $SIZES in quick|full) ;; *) echo "device-check: DEVICE_CHECK_SIZES must be quick or full" >&2; exit 2 ;; esac
+export OUT VENV DEVICE_CHECK_MODE SIZES
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
@@ -97,7 +105,9 @@ stage_install() {
     if [ -n "$cuda" ] && [ "$cuda" -ge 13 ]; then extra=cuda13; else extra=cuda12; fi
   fi
   echo "driver CUDA version: ${cuda:-unknown}; MLX extra: $extra"
-  torch_pin=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null)
+  # the installed distribution's version ("2.11.0"), not torch.__version__ ("2.11.0+cu130"):
+  # pip finds no distribution for a local-label pin offline
+  torch_pin=$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)
   # mlx-cpu and mlx-cuda-* both provide mlx/lib (libmlx.so): remove the CPU one first, not after
   if "$py" -m pip show mlx-cpu >/dev/null 2>&1; then
     "$py" -m pip uninstall -y mlx-cpu || return 1
@@ -127,8 +137,11 @@ stage_parity() {
     --json-out "$OUT/parity.json"
 }
 
+quick() { [ "$SIZES" = full ] || echo --quick; }
+
 stage_bench_step() {
-  "$(pick_python)" -m aropd_mlx.cli.main bench step --quick --device "$(torch_device)" \
+  # shellcheck disable=SC2046
+  "$(pick_python)" -m aropd_mlx.cli.main bench step $(quick) --device "$(torch_device)" \
     --json "$OUT/bench-step.json"
 }
 
@@ -136,11 +149,12 @@ stage_bench_peer() {
   local py rounds steps require
   py=$(pick_python)
   if [ "$MODE" = gpu ]; then rounds=3; steps=2; require=--require-trl; else rounds=2; steps=1; require=""; fi
+  [ "$SIZES" = full ] && rounds=5
   if [ "$MODE" = cpu ] && ! "$py" -c 'import trl' >/dev/null 2>&1; then
     echo "trl not installed: our side only" > "$OUT/bench-peer.note"  # CPU mode installs nothing
   fi
   # shellcheck disable=SC2086
-  "$py" -m aropd_mlx.cli.main bench peer --quick --no-install --device "$(torch_device)" \
+  "$py" -m aropd_mlx.cli.main bench peer $(quick) --no-install --device "$(torch_device)" \
     --rounds "$rounds" --steps-per-round "$steps" ${DEVICE_CHECK_PEER_ARGS:-} \
     --json "$OUT/bench-peer.json" || return 1
   "$py" -m aropd_mlx.bench.device_check check-peer "$OUT/bench-peer.json" $require
@@ -194,7 +208,7 @@ run_stage() {  # name limit_seconds
   record "$name" "$status" "$rc" "$((SECONDS - t0))" "$note"
 }
 
-say "mode $MODE, output in $OUT, budget ${BUDGET}s, repository $ROOT"
+say "mode $MODE, sizes $SIZES, output in $OUT, budget ${BUDGET}s, repository $ROOT"
 if [ "$MODE" = gpu ]; then
   command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | head -n 15 | tee -a "$LOG"
   run_stage install 200
@@ -204,8 +218,8 @@ else
 fi
 run_stage env 60
 run_stage parity 120
-run_stage bench-step 120
-run_stage bench-peer 240
+if [ "$SIZES" = full ]; then run_stage bench-step 150; else run_stage bench-step 120; fi
+run_stage bench-peer 300
 "$(pick_python)" -m aropd_mlx.bench.device_check summary "$OUT" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 if awk -F'\t' '$2 != "ok" && $2 != "skipped" { bad = 1 } END { exit !bad }' "$OUT/stages.tsv"; then

@@ -82,7 +82,7 @@ def test_device_check_budget_overrun_fails_and_goes_on(tmp_path):
 FAKE_PYTHON = """#!/usr/bin/env bash
 printf '%s\\n' "$*" | head -n 1 >> "$FAKE_LOG"
 case "$*" in
-  *"import torch; print(torch.__version__)"*) echo "2.9.0+cu130" ;;
+  *'m.version("torch")'*) echo "2.9.0" ;;  # the distribution's version, no local label
 esac
 exit 0
 """
@@ -92,7 +92,8 @@ exit 0
 def test_install_stage_commands(tmp_path, cuda, extra):
     """GPU mode's install stage, dry: a stub nvidia-smi and a python that only logs its
     arguments. Checks the MLX extra from the driver's CUDA version, the offline pip switches,
-    mlx-cpu removed before MLX's CUDA wheel, the editable --no-deps install, torch pinned."""
+    mlx-cpu removed before MLX's CUDA wheel, the editable --no-deps install, torch pinned to
+    the installed distribution's version (a "+cu130" pin found no wheel offline on the H200)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(
@@ -118,6 +119,27 @@ def test_install_stage_commands(tmp_path, cuda, extra):
     uninstall = calls.index("-m pip uninstall -y mlx-cpu")
     assert uninstall < calls.index(next(c for c in installs if f"mlx[{extra}]" in c))
     assert installs[1].endswith("-e . --no-deps")
-    assert "torch==2.9.0+cu130" in installs[2] and "trl" in installs[2].split()
+    assert "torch==2.9.0" in installs[2].split() and "trl" in installs[2].split()
     assert "mlx-lm>=0.32.2" in installs[2] and "[cpu]" not in installs[2]
     assert f"MLX extra: {extra}" in done.stdout
+
+
+@pytest.mark.parametrize("sizes,quick", [("quick", True), ("full", False)])
+def test_bench_stages_sizes(tmp_path, sizes, quick):
+    """DEVICE_CHECK_SIZES=full runs `bench step` and `bench peer` at their default sizes (and
+    peer for 5 rounds); the default stays the smoke sizes."""
+    fake = tmp_path / "fakepython"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), OUT=str(tmp_path / "out"),
+               DEVICE_CHECK_SIZES=sizes, DEVICE_CHECK_MODE="gpu")
+    env.pop("DEVICE_CHECK_CPU", None)
+    for stage in ("bench-step", "bench-peer"):
+        done = subprocess.run(["bash", str(SCRIPT), "--stage", stage], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+    step, peer = [c.split() for c in log.read_text().splitlines() if " bench " in c][:2]
+    assert step[3] == "step" and peer[3] == "peer"
+    assert ("--quick" in step) == quick and ("--quick" in peer) == quick
+    assert peer[peer.index("--rounds") + 1] == ("3" if quick else "5")

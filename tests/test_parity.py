@@ -2,6 +2,7 @@
 the torch objective) on one batch, for every method, with fresh and trained-looking adapters,
 on llama and qwen2 checkpoints, one of them written by transformers' own save_pretrained."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -232,5 +233,34 @@ def test_cli_parity_command(tmp_path):
                                       "--json-out", str(out)])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and json.loads(out.read_text())["pass"] is True
+    assert "matmuls: MLX MLX_ENABLE_TF32=" in result.output
     bad = CliRunner().invoke(app, ["parity", "--method", "nope"])
     assert bad.exit_code == 2
+
+
+def test_parity_multiplies_in_full_fp32_unless_told(monkeypatch):
+    """MLX's CUDA backend multiplies fp32 in TF32 unless MLX_ENABLE_TF32=0 (on an H200 that put
+    the log-probs 1.9e-4 apart, past the 1e-4 limit): parity turns TF32 off on both sides, but
+    a value the user set stays, and a failing report then says what to rerun with."""
+    import torch
+
+    from aropd_mlx.backends.torch.parity import TF32_VAR, full_fp32_matmuls
+
+    monkeypatch.delenv(TF32_VAR, raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert full_fp32_matmuls() == {"mlx_enable_tf32": "0", "torch_allow_tf32": False}
+    assert os.environ[TF32_VAR] == "0"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    monkeypatch.setenv(TF32_VAR, "1")
+    assert full_fp32_matmuls()["mlx_enable_tf32"] == "1"
+    failing = {"checks": [{"quantity": "loss", "pass": False, "max_abs": 1.0, "max_rel": 1.0,
+                           "kind": "rel", "limit": 1e-4, "floor": 1e-5}],
+               "device": {"mlx": "gpu", "torch": "cuda"}, "method": "ar-opd",
+               "teacher": "frozen", "model": "m", "adapter": None, "rows": 1,
+               "response_tokens": 1, "loss": {"mlx": 1.0, "torch": 2.0}, "pass": False,
+               "tf32": {"mlx_enable_tf32": "1", "torch_allow_tf32": False}}
+    text = format_parity(failing)
+    assert f"{TF32_VAR}=1" in text and f"rerun with {TF32_VAR}=0" in text
+    failing["tf32"]["mlx_enable_tf32"] = "0"
+    assert "rerun with" not in format_parity(failing)

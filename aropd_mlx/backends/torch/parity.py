@@ -23,6 +23,7 @@ response tokens (mask = 1); masked per-token losses are 0 on both sides.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +40,33 @@ from aropd_mlx.views import METHODS
 # adapters: student == teacher) both sides hold only rounding noise (~1e-8 on tiny models).
 THRESHOLDS = {"logprob_abs": 1e-4, "loss_rel": 1e-4, "loss_abs_floor": 1e-5, "grad_rel": 1e-3,
               "grad_abs_floor": 1e-7}
+
+
+# MLX runs float32 matmuls as TF32 on CUDA GPUs (and on M5-class Macs) unless this variable is
+# "0"; it is read when MLX first multiplies on the GPU. Measured on an H200 (docs/PARITY.md):
+# TF32 on puts the tiny model's log-probs 1.9e-4 apart, off 9.5e-7.
+TF32_VAR = "MLX_ENABLE_TF32"
+
+
+def full_fp32_matmuls() -> dict:
+    """Both backends multiply in full float32, unless the user set MLX_ENABLE_TF32 already.
+
+    Parity checks the math at the fp32 limits, so TF32 (a 10-bit mantissa for the products) is
+    off on both sides: MLX through its environment variable (call this before MLX's first GPU
+    matmul), torch through its backend flags. Returns what applies, for the report."""
+    os.environ.setdefault(TF32_VAR, "0")
+    try:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    except ImportError:  # no torch: the harness fails later with its own message
+        pass
+    return {"mlx_enable_tf32": os.environ[TF32_VAR], "torch_allow_tf32": False}
+
+
+def _tf32_on(report: dict) -> bool:
+    return report.get("tf32", {}).get("mlx_enable_tf32", "0").strip() not in ("0", "")
 
 
 @dataclass
@@ -285,6 +313,7 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
     torch_adapter: other adapters for the torch side only (to see the harness fail).
     fine_tune: "lora", or "full" (every weight trains, the tied embedding through both of its
     uses; an untied lm_head trains too): every weight's gradient is compared."""
+    tf32 = full_fp32_matmuls()
     import mlx.core as mx
 
     from aropd_mlx.backends.torch.model import TorchStudent, resolve_device
@@ -327,7 +356,7 @@ def run_parity(model_path: str, adapter: str | Path | None = None, device: str =
         "torch_adapter": None if torch_adapter is None else str(torch_adapter),
         "method": method, "seed": seed, "teacher": "frozen", "lora_dropout": 0.0,
         "fine_tune": fine_tune,
-        "device": {"mlx": mx.default_device().type.name, "torch": device},
+        "device": {"mlx": mx.default_device().type.name, "torch": device}, "tf32": tf32,
         "rows": int(batch.tokens.shape[0]), "response_tokens": int(batch.mask.sum()),
         "views": list(batch.views), "settings": asdict(batch.settings),
         "loss": {"mlx": ours.loss, "torch": ref.loss},
@@ -358,7 +387,11 @@ def format_parity(report: dict) -> str:
              f"teacher {report['teacher']}",
              f"model {report['model']}, adapter {report['adapter'] or '(fresh, lora_b = 0)'}, "
              f"{report['rows']} rows, {report['response_tokens']} response tokens, "
-             f"loss mlx {report['loss']['mlx']:.6g} torch {report['loss']['torch']:.6g}", ""]
+             f"loss mlx {report['loss']['mlx']:.6g} torch {report['loss']['torch']:.6g}"]
+    if "tf32" in report:
+        lines.append(f"matmuls: MLX {TF32_VAR}={report['tf32']['mlx_enable_tf32']}, torch "
+                     f"allow_tf32 {report['tf32']['torch_allow_tf32']}")
+    lines.append("")
     width = max(len(r["quantity"]) for r in rows)
     lines.append(f"{'quantity':<{width}}  {'max abs':>9}  {'max rel':>9}  {'limit':>18}  result")
     lines.append("-" * (width + 54))
@@ -378,4 +411,7 @@ def format_parity(report: dict) -> str:
         lines.append(f"... and {len(failed) - 10} more (see the JSON report)")
     lines.append("PASS: MLX and torch agree within the fp32 limits" if report["pass"] else
                  f"FAIL: {len(failed)} of {len(checks)} checks past their limits")
+    if failed and _tf32_on(report):
+        lines.append(f"({TF32_VAR}={report['tf32']['mlx_enable_tf32']}: MLX multiplied in TF32 on "
+                     f"a GPU, not fp32; rerun with {TF32_VAR}=0 for the fp32 limits)")
     return "\n".join(lines)

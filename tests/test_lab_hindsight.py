@@ -230,6 +230,45 @@ def test_warm_start_copy_rows_show_a_wrong_trace_through_the_full_view(tmp_path)
     assert not any(copies_reference(replace(base, full_copy_share=0.0), e) for e in many)
 
 
+def test_copy_rows_past_the_cut_slip_only_where_the_partial_view_shows_nothing(tmp_path):
+    """full_copy_past_cut: a copy row's lines that the partial view shows (views.partial_ratio
+    of the reference) are the oracle's, every later one slips (p = 1); `first` = 0 is the
+    writer as before, draw for draw; the field needs slipped copy rows and leaves keys alone."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import LabSettings, view_overrides
+    from aropd_mlx.lab.setup import shown_lines, warm_encoder
+
+    for ex in lab_examples(n=60, k_min=1, k_max=9, seed=4):
+        k, oracle = len(ex.solution.split("\n")), ex.solution.split("\n")
+        assert (task.slipping_writer(ex.question, 0.3, random.Random(ex.id)) ==
+                task.slipping_writer(ex.question, 0.3, random.Random(ex.id), 0))
+        for first in range(k + 1):
+            lines, _ = task.slipping_writer(ex.question, 1.0, random.Random(first), first)
+            assert lines[:first] == oracle[:first]
+            assert all(int(ln[-1]) != task.apply_op(int(ln[0]), ln[1], int(ln[2]))
+                       for ln in lines[first:])
+        shown = shown_lines(ex.solution, 0.5)
+        assert (k + 1) // 2 <= shown <= k // 2 + 1 and shown_lines(ex.solution, 1.0) == k
+    with pytest.raises(UserError, match="full_copy_past_cut"):
+        LabSettings(full_copy_past_cut=True)
+    base = replace(SMALL, k_max=6, student_view_k_max=0, full_copy_share=1.0, full_copy_p=1.0,
+                   full_copy_style="slipped")
+    assert replace(base, full_copy_past_cut=True).key() != base.key()
+    _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
+    cfg = load_config(overrides={**view_overrides(6), "train.method": "sft",
+                                 "train.sft_view_mix": [0.5, 0.25, 0.25]})
+    for ex in lab_examples(n=8, k_min=2, k_max=6, seed=5):
+        oracle = ex.solution.split("\n")
+        cut = shown_lines(ex.solution, cfg.views.partial_ratio)
+        late = tok.decode(warm_encoder(replace(base, full_copy_past_cut=True), cfg, tok)(ex).oracle)
+        every = tok.decode(warm_encoder(base, cfg, tok)(ex).oracle)
+        assert late.split("\n")[:cut] == oracle[:cut] != every.split("\n")[:cut]
+        assert all(int(ln[-1]) != task.apply_op(int(ln[0]), ln[1], int(ln[2]))
+                   for ln in late.split("\n")[cut:len(oracle)])  # each later line slips
+
+
 @pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("hindsight")) is None,
                     reason="no hindsight lab model shipped in this checkout")
 def test_the_shipped_hindsight_lab_model_reproduces_its_numbers_and_its_hindsight():

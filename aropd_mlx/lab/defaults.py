@@ -78,6 +78,10 @@ class LabSettings:
     full_copy_share: float = 0.0
     full_copy_p: float = 0.3
     full_copy_style: str = "corrupted"
+    # the slipping writer of the copy rows slips only on lines the partial view does not show
+    # (past its cut, views.partial_ratio): before the cut the reference and the arithmetic
+    # always agree, so the anchor has no copying to learn there (docs/LAB.md, session 16)
+    full_copy_past_cut: bool = False
     # a named lab (NAMED_LABS) whose model the warm start goes on from, in place of a fresh
     # tiny model: its phases then add to that lab's training (e.g. copy rows on top of the long
     # lab's teacher, docs/LAB.md session 15); the spec must be that lab's. "": from scratch
@@ -93,6 +97,10 @@ class LabSettings:
         if self.full_copy_style not in ("corrupted", "slipped"):
             raise UserError(f"lab settings: full_copy_style must be corrupted or slipped, "
                             f"got {self.full_copy_style!r}")
+        if self.full_copy_past_cut and not (self.full_copy_share
+                                            and self.full_copy_style == "slipped"):
+            raise UserError("lab settings: full_copy_past_cut needs copy rows of the slipped "
+                            "style (full_copy_share > 0, full_copy_style slipped)")
         if self.warm_student_schedule and self.warm_student_steps:
             raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
                             "set warm_student_steps to 0")
@@ -147,7 +155,7 @@ class LabSettings:
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
                 "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3,
-                "full_copy_style": "corrupted", "warm_init": ""}
+                "full_copy_style": "corrupted", "warm_init": "", "full_copy_past_cut": False}
 
 
 def without_neutral_later_fields(values: dict) -> dict:

@@ -97,6 +97,13 @@ def copies_reference(settings: LabSettings, ex) -> bool:
     return _draw(settings, ex, ":copy") < settings.full_copy_share * 2**32
 
 
+def shown_lines(solution: str, ratio: float) -> int:
+    """How many of the solution's lines the partial view shows, a cut-off one included."""
+    from aropd_mlx.views import partial_reference
+
+    return len(partial_reference(solution, ratio).splitlines())
+
+
 def warm_encoder(settings: LabSettings, cfg, tokenizer):
     """The warm start's prompt encoder: past settings.student_view_k_max operations, an
     example's "student" prompt is its partial view, so long problems train the privileged
@@ -114,7 +121,10 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
             if settings.full_copy_share and copies_reference(settings, ex):
                 rng = random.Random(f"copy:{ex.id}")
                 if settings.full_copy_style == "slipped":
-                    lines, answer = task.slipping_writer(ex.question, settings.full_copy_p, rng)
+                    first = (shown_lines(ex.solution, cfg.views.partial_ratio)
+                             if settings.full_copy_past_cut else 0)
+                    lines, answer = task.slipping_writer(ex.question, settings.full_copy_p, rng,
+                                                         first)
                     wrong = replace(ex, solution="\n".join(lines), answer=answer)
                 else:
                     wrong = replace(ex, solution=task.reference_variant(

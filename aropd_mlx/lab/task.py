@@ -175,14 +175,16 @@ def slipped_trace(question: str, wrong: dict[int, int]) -> tuple[list[str], str]
     return lines, str(value)
 
 
-def slipping_writer(question: str, p: float, rng: random.Random) -> tuple[list[str], str]:
+def slipping_writer(question: str, p: float, rng: random.Random,
+                    first: int = 0) -> tuple[list[str], str]:
     """`slipped_trace` with each line's result, with probability p, a wrong digit drawn by
-    `rng` (one ``rng.random()`` per line, one more draw per slip)."""
+    `rng` (one ``rng.random()`` per line, one more draw per slip); lines before `first` never
+    slip (their draws are made all the same)."""
     value, ops = parse_question(question)
     wrong = {}
     for j, (op, b) in enumerate(ops):
         value = apply_op(value, op, b)
-        if rng.random() < p:
+        if rng.random() < p and j >= first:
             wrong[j] = value = rng.choice([d for d in range(10) if d != value])
     return slipped_trace(question, wrong)
 

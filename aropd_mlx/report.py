@@ -419,6 +419,10 @@ def compare_markdown(comp: dict) -> str:
     parts.append("\n`opd` scores with the self-teacher's own student view: with a frozen self-teacher "
                  "its target is the student at the start (KL 0), a control with no privileged "
                  "signal.\n")
-    parts.append("\nSFT trains on the lab's clean oracle traces, which are exactly in the "
-                 "student's output format: read it as a ceiling, not a rival (shared/LAB.md).\n")
+    if comp["settings"].get("setting", "clean") == "clean":
+        parts.append("\nSFT trains on the lab's clean oracle traces, which are exactly in the "
+                     "student's output format: read it as a ceiling, not a rival (shared/LAB.md).\n")
+    else:
+        parts.append("\nSFT trains on the other writer's traces (the setting above): the control "
+                     "the paper compares AR-OPD with.\n")
     return "\n".join(parts)

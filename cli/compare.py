@@ -7,6 +7,8 @@
     aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
     AROPD_MLX_LAB=hindsight aropd-mlx compare --partial-ratios 0   # a full view with hindsight
     AROPD_MLX_LAB=long_hindsight aropd-mlx compare --length-buckets 64,128,192  # long rollouts
+    AROPD_MLX_LAB=stronger_writer aropd-mlx compare --setting stronger-writer --sft-steps 2176 \
+        --methods base,sft,full-opd,ar-opd      # references the student cannot copy (LAB.md)
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def compare_command(
                                                   "the held-out set stays for results)."),
     setting: str = typer.Option("clean", help=(
         "clean: oracle references; other-writer: another writer's notation; stronger-writer: "
-        "two operations per line; for the teacher's views and SFT's targets alike.")),
+        "two operations per line (with AROPD_MLX_LAB=stronger_writer, a teacher that reads "
+        "them); for the teacher's views and SFT's targets alike.")),
     sft_steps: Optional[int] = typer.Option(None, "--sft-steps", help=(
         "SFT's own step count (e.g. the steps that match AR-OPD's wall-clock).")),
     length_buckets: Optional[List[str]] = typer.Option(None, "--length-buckets", help=(

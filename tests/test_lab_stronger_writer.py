@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aropd_mlx.lab import shipped
 from aropd_mlx.lab.task import (apply_op, check, double_step_line, format_response,
                                 parse_question, reference_variant, solve)
 
@@ -89,3 +90,32 @@ def test_compare_setting_stronger_writer_gives_sft_and_the_teacher_two_operation
 def test_malformed_double_lines_are_garbage_standing_for_one_step(bad):
     v = check("Q:7+5*3", format_response([bad, "6*3=8"], "8"))
     assert v.steps_written == 2 and v.first_error_step == 0 and not v.all_steps_correct
+
+
+@pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("stronger_writer")) is None,
+                    reason="no stronger-writer lab model shipped in this checkout")
+def test_the_shipped_stronger_writer_lab_reads_two_operations_a_line():
+    """AROPD_MLX_LAB=stronger_writer's model: its recorded greedy numbers reproduce, and its full
+    view, shown the stronger writer's lines, writes every step right at k = 12, the longest
+    evaluated k, where the student view gets none (session 15's teacher failed there)."""
+    from mlx_lm import load
+
+    from aropd_mlx.compare import other_writer
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+    from aropd_mlx.lab.measure import _responses, dev_examples
+
+    from test_lab_shipped import assert_reproduces
+
+    folder = shipped.shipped_dir("stronger_writer")
+    settings = settings_from(NAMED_LABS["stronger_writer"])
+    assert settings.warm_init == "hindsight" and settings.k_max == 13
+    views = load_config(overrides=view_overrides(settings.k_max)).views
+    assert_reproduces(folder, settings, views, (6, 8), names=("student", "full"))
+    model, tok = load(str(folder))
+    hinted = [e for e in other_writer(dev_examples(settings, 4), "two_per_line")
+              if len(parse_question(e.question)[1]) == 12]
+    assert len(hinted) == 4 and all(len(e.solution.splitlines()) == 6 for e in hinted)
+    for view, want in (("full", 4), ("student", 0)):
+        got = _responses(model, tok, hinted, views, view, 0.0, 6 * settings.k_max + 8, 0)
+        assert sum(check(e.question, r).all_steps_correct for e, r in zip(hinted, got)) == want

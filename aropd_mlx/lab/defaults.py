@@ -255,12 +255,19 @@ NAMED_LABS = {
 NAMED_LABS["long_hindsight"] = {**NAMED_LABS["long"], "warm_init": "long",
                                 "warm_student_schedule": [], "warm_steps": 100,
                                 "full_copy_share": 0.3, "full_copy_style": "slipped"}
+# "stronger_writer": the hindsight lab's teacher taught to read a stronger writer's references
+# (two operations a line, half of the hints) by 400 more steps at k <= 13, so that k = 12 is not
+# the edge of its trained lengths; for `compare --setting stronger-writer` (LAB.md, session 16)
+NAMED_LABS["stronger_writer"] = {"warm_init": "hindsight", "warm_student_steps": 0,
+                                 "warm_steps": 400, "warm_hint_styles": ["oracle", "two_per_line"],
+                                 "full_copy_share": 0.3, "full_copy_style": "slipped", "k_max": 13}
 
 
 def lab_settings_for(cfg=None) -> LabSettings:
     """The lab's settings; env AROPD_MLX_LAB='{"warm_steps": 2000, "k_max": 8}' changes them
     (a bigger or smaller lab; each distinct setting is built and cached once), and
-    AROPD_MLX_LAB=long, =hindsight or =long_hindsight picks a named one (NAMED_LABS)."""
+    AROPD_MLX_LAB=long, =hindsight, =long_hindsight or =stronger_writer picks a named one
+    (NAMED_LABS)."""
     raw = os.environ.get("AROPD_MLX_LAB")
     if not raw:
         return LabSettings()

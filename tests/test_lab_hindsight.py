@@ -9,6 +9,7 @@ from aropd_mlx.errors import UserError
 from aropd_mlx.lab import shipped, task
 from aropd_mlx.lab.hindsight import _probe_points, format_hindsight, hindsight
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
+from aropd_mlx.views import partial_reference
 
 from helpers import lab_examples
 from test_lab_shipped import SMALL, assert_reproduces
@@ -267,6 +268,50 @@ def test_copy_rows_past_the_cut_slip_only_where_the_partial_view_shows_nothing(t
         assert late.split("\n")[:cut] == oracle[:cut] != every.split("\n")[:cut]
         assert all(int(ln[-1]) != task.apply_op(int(ln[0]), ln[1], int(ln[2]))
                    for ln in late.split("\n")[cut:len(oracle)])  # each later line slips
+
+
+def test_distrust_rows_show_the_partial_view_a_slipped_reference_and_ask_for_the_oracle(tmp_path):
+    """anchor_distrust_share: a drawn example (never a copy row) is the partial view of a
+    reference that slips once on a line that view shows, its chain computed on from the slip,
+    the answer the true one, whatever view the mix draws; its target the oracle's trace."""
+    from mlx_lm import load
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import view_overrides
+    from aropd_mlx.lab.setup import (copies_reference, distrusted, distrusts_reference,
+                                     shown_lines, warm_encoder)
+
+    base = replace(SMALL, k_max=6, student_view_k_max=0)
+    assert replace(base, anchor_distrust_share=0.2).key() != base.key()
+    with pytest.raises(UserError, match="anchor_distrust_share"):
+        replace(base, anchor_distrust_share=0.2, warm_view_mix=(0.5, 0.0, 0.5))
+    with pytest.raises(UserError, match="must lie in"):
+        replace(base, anchor_distrust_share=-0.1)
+    for ex in lab_examples(n=40, k_min=1, k_max=6, seed=6):
+        oracle, lines = ex.solution.split("\n"), distrusted(ex, 0.5).solution.split("\n")
+        slips = [j for j, ln in enumerate(lines) if ln != oracle[j]]
+        assert slips and slips[0] < shown_lines(ex.solution, 0.5) and distrusted(ex, 0.5).answer == ex.answer
+        value, _ = task.parse_question(ex.question)
+        for j, ln in enumerate(lines):  # every line follows the one before it, but the slip
+            assert ln[0] == str(value)
+            right = task.apply_op(value, ln[1], int(ln[2]))
+            assert (int(ln[-1]) != right) == (j == slips[0])
+            value = int(ln[-1])
+    both = replace(base, full_copy_share=0.5, anchor_distrust_share=0.5)
+    many = lab_examples(n=400, k_min=1, k_max=6)
+    drawn = [distrusts_reference(both, e) for e in many]
+    assert not any(d and copies_reference(both, e) for d, e in zip(drawn, many))
+    assert 60 < sum(drawn) < 140  # ~ (1 - 0.5) * 0.5 of them
+    _, tok = load(str(build_tiny_model(tmp_path / "m", SMALL.spec)))
+    cfg = load_config(overrides={**view_overrides(6), "train.method": "sft",
+                                 "train.sft_view_mix": [0.5, 0.25, 0.25]})
+    ex = lab_examples(n=1, k_min=4, k_max=4)[0]
+    plain = warm_encoder(base, cfg, tok)(ex)
+    row = warm_encoder(replace(base, anchor_distrust_share=1.0), cfg, tok)(ex)
+    assert row.oracle == plain.oracle  # the oracle's trace is the target
+    assert row.prompts["student"] == row.prompts["partial"] == row.prompts["full"] != plain.prompts["partial"]
+    shown = partial_reference(distrusted(ex, 0.5).solution, 0.5)
+    assert shown in tok.decode(row.prompts["partial"]) and shown not in tok.decode(plain.prompts["partial"])
 
 
 @pytest.mark.skipif(shipped.manifest(shipped.shipped_dir("hindsight")) is None,

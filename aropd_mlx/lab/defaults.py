@@ -82,13 +82,19 @@ class LabSettings:
     # (past its cut, views.partial_ratio): before the cut the reference and the arithmetic
     # always agree, so the anchor has no copying to learn there (docs/LAB.md, session 16)
     full_copy_past_cut: bool = False
+    # the opposite lesson for the anchor: this share of the mixed warm start's problems (none of
+    # them copy rows) is shown through the partial view with a reference that slips once on a
+    # line that view shows (the chain computed on from the slip, the true answer), the target
+    # the oracle's trace: a reference's digit is not to be copied where it does not follow
+    # (docs/LAB.md, session 16); 0: off
+    anchor_distrust_share: float = 0.0
     # a named lab (NAMED_LABS) whose model the warm start goes on from, in place of a fresh
     # tiny model: its phases then add to that lab's training (e.g. copy rows on top of the long
     # lab's teacher, docs/LAB.md session 15); the spec must be that lab's. "": from scratch
     warm_init: str = ""
 
     def __post_init__(self):
-        for name in ("full_copy_share", "full_copy_p"):
+        for name in ("full_copy_share", "full_copy_p", "anchor_distrust_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"lab settings: {name} must lie in [0, 1], got {getattr(self, name)}")
         if self.full_copy_share and not any(self.warm_view_mix[1:]):
@@ -97,6 +103,9 @@ class LabSettings:
         if self.full_copy_style not in ("corrupted", "slipped"):
             raise UserError(f"lab settings: full_copy_style must be corrupted or slipped, "
                             f"got {self.full_copy_style!r}")
+        if self.anchor_distrust_share and not self.warm_view_mix[1]:
+            raise UserError("lab settings: anchor_distrust_share needs the partial view in the "
+                            "warm start (warm_view_mix with a partial share)")
         if self.full_copy_past_cut and not (self.full_copy_share
                                             and self.full_copy_style == "slipped"):
             raise UserError("lab settings: full_copy_past_cut needs copy rows of the slipped "
@@ -155,7 +164,8 @@ class LabSettings:
 # built before them: LabSettings.key() and the shipped recipe (shipped.py) leave them out there.
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
                 "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3,
-                "full_copy_style": "corrupted", "warm_init": "", "full_copy_past_cut": False}
+                "full_copy_style": "corrupted", "warm_init": "", "full_copy_past_cut": False,
+                "anchor_distrust_share": 0.0}
 
 
 def without_neutral_later_fields(values: dict) -> dict:

@@ -104,13 +104,38 @@ def shown_lines(solution: str, ratio: float) -> int:
     return len(partial_reference(solution, ratio).splitlines())
 
 
+def distrusts_reference(settings: LabSettings, ex) -> bool:
+    """Whether the warm start shows this example as a distrust row (anchor_distrust_share);
+    never a copy row too."""
+    return (not copies_reference(settings, ex)
+            and _draw(settings, ex, ":distrust") < settings.anchor_distrust_share * 2**32)
+
+
+def distrusted(ex, ratio: float):
+    """`ex` with a reference that slips once, on a line the partial view (`ratio`) shows, the
+    chain computed on from the slip; the true answer kept."""
+    import random
+    from dataclasses import replace
+
+    rng = random.Random(f"distrust:{ex.id}")
+    line = rng.randrange(shown_lines(ex.solution, ratio))
+    value, ops = task.parse_question(ex.question)
+    for op, b in ops[:line + 1]:
+        value = task.apply_op(value, op, b)
+    lines, _ = task.slipped_trace(ex.question, {line: rng.choice([d for d in range(10)
+                                                                 if d != value])})
+    return replace(ex, solution="\n".join(lines))
+
+
 def warm_encoder(settings: LabSettings, cfg, tokenizer):
     """The warm start's prompt encoder: past settings.student_view_k_max operations, an
     example's "student" prompt is its partial view, so long problems train the privileged
     views only (the draw's view mix then applies between partial and full). The privileged
     prompts carry the hints in the example's `hint_style`; the target stays the oracle trace.
     A copy row (`copies_reference`) is the full view of a trace with wrong results
-    (settings.full_copy_style), whatever view the mix draws, its target that same trace."""
+    (settings.full_copy_style), whatever view the mix draws, its target that same trace; a
+    distrust row (`distrusts_reference`) the partial view of a reference that slips where that
+    view shows it (`distrusted`), whatever view the mix draws, its target the oracle's trace."""
     import random
     from dataclasses import replace
 
@@ -134,6 +159,13 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
                     return None
                 return Encoded(ex, dict.fromkeys(enc.prompts, enc.prompts["full"]), enc.oracle)
             enc = super()._encode(ex)
+            if enc is not None and settings.anchor_distrust_share and distrusts_reference(
+                    settings, ex):
+                wrong = super()._encode(distrusted(ex, cfg.views.partial_ratio))
+                if wrong is None:
+                    return None
+                return Encoded(ex, dict.fromkeys(enc.prompts, wrong.prompts["partial"]),
+                               enc.oracle)
             style = hint_style(settings, ex)
             if enc is not None and style != "oracle":
                 other = replace(ex, solution=task.reference_variant(

@@ -40,9 +40,7 @@ def _probe_points(ex, views, rng: random.Random, slip: str = "late"):
     """(response text, [(what, char position, consistent char, oracle char)]) for one example."""
     steps, answer = task.solve(ex.question)
     j = 0 if slip == "early" else len(steps) - 2
-    good = int(steps[j][-1])
-    lines, consistent = task.slipped_trace(
-        ex.question, {j: rng.choice([d for d in range(10) if d != good])})
+    lines, consistent = task.slip_once(ex.question, j, rng)
     text = views.response_template.format(solution="\n".join(lines), answer=consistent)
     start = text.index(lines[j + 1], text.index(lines[j]) + len(lines[j]))
     points = [("next_line", start, lines[j + 1][0], steps[j + 1][0])]

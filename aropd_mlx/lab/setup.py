@@ -118,12 +118,7 @@ def distrusted(ex, ratio: float):
     from dataclasses import replace
 
     rng = random.Random(f"distrust:{ex.id}")
-    line = rng.randrange(shown_lines(ex.solution, ratio))
-    value, ops = task.parse_question(ex.question)
-    for op, b in ops[:line + 1]:
-        value = task.apply_op(value, op, b)
-    lines, _ = task.slipped_trace(ex.question, {line: rng.choice([d for d in range(10)
-                                                                 if d != value])})
+    lines, _ = task.slip_once(ex.question, rng.randrange(shown_lines(ex.solution, ratio)), rng)
     return replace(ex, solution="\n".join(lines))
 
 

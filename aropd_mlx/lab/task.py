@@ -175,6 +175,13 @@ def slipped_trace(question: str, wrong: dict[int, int]) -> tuple[list[str], str]
     return lines, str(value)
 
 
+def slip_once(question: str, line: int, rng: random.Random) -> tuple[list[str], str]:
+    """`slipped_trace` with one slip: line `line`'s result a wrong digit drawn by `rng` (one
+    ``rng.choice``), the chain and the answer computed on from it."""
+    good = int(solve(question)[0][line][-1])
+    return slipped_trace(question, {line: rng.choice([d for d in range(10) if d != good])})
+
+
 def slipping_writer(question: str, p: float, rng: random.Random,
                     first: int = 0) -> tuple[list[str], str]:
     """`slipped_trace` with each line's result, with probability p, a wrong digit drawn by

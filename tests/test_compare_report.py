@@ -267,9 +267,16 @@ def test_length_buckets_pool_ks_and_pair_by_seed():
     md = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {}, "variants": rows,
                            "length_buckets": buckets})
     assert "by response length" in md and "<=64 tok (k=5,10)" in md and "+0.375 [" in md
-    assert "read it as a ceiling" in md and "other writer's traces" not in md
+    # footnotes only for the methods that ran: neither SFT nor opd here
+    assert "read it as a ceiling" not in md and "SFT trains" not in md and "`opd` scores" not in md
+    sft = dict(rows[0], method="sft", name="sft")
+    opd = dict(rows[0], method="opd", name="opd")
+    clean = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {},
+                              "variants": [sft, opd] + rows})
+    assert "read it as a ceiling" in clean and "other writer's traces" not in clean
+    assert "`opd` scores with the self-teacher's own student view" in clean
     other = compare_markdown({"settings": {"steps": 2, "seeds": 2, "setting": "stronger-writer"},
-                              "lab": {}, "variants": rows})
+                              "lab": {}, "variants": [sft] + rows})
     assert "read it as a ceiling" not in other and "SFT trains on the other writer's" in other
     with pytest.raises(UserError):
         CompareSettings(length_buckets=(128, 64)).validate()

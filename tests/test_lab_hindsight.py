@@ -12,7 +12,7 @@ from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 from aropd_mlx.views import partial_reference
 
 from helpers import lab_examples
-from test_lab_shipped import SMALL, assert_reproduces
+from test_lab_shipped import SMALL, assert_reproduces, named_lab
 
 
 def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():
@@ -322,14 +322,9 @@ def test_the_shipped_hindsight_lab_model_reproduces_its_numbers_and_its_hindsigh
     the reference's result after a slip, a partial view that goes on from the written value."""
     from mlx_lm import load
 
-    from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
-    from aropd_mlx.lab.hindsight import hindsight
     from aropd_mlx.lab.measure import dev_examples
 
-    folder = shipped.shipped_dir("hindsight")
-    settings = settings_from(NAMED_LABS["hindsight"])
-    views = load_config(overrides=view_overrides(settings.k_max)).views
+    folder, settings, views = named_lab("hindsight")
     assert_reproduces(folder, settings, views, (2, 8, 12), names=("student", "partial"))
     model, tok = load(str(folder))
     got = hindsight(model, tok, dev_examples(settings, 8), views)
@@ -401,14 +396,9 @@ def test_the_shipped_long_hindsight_lab_model_reproduces_its_numbers_and_its_hin
     reference's result after a slip, an anchor that goes on from the written value."""
     from mlx_lm import load
 
-    from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
     from aropd_mlx.lab.measure import dev_examples
 
-    folder = shipped.shipped_dir("long_hindsight")
-    settings = settings_from(NAMED_LABS["long_hindsight"])
-    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
-                                                 settings.partial_outline)).views
+    folder, settings, views = named_lab("long_hindsight")
     assert_reproduces(folder, settings, views, (5, 25, 35), names=("student", "partial"))
     model, tok = load(str(folder))
     got = hindsight(model, tok, dev_examples(settings, 4), views)

@@ -171,6 +171,17 @@ def test_dev_problems_are_apart_from_the_held_out_set():
     assert len({e.question for e in dev} & {e["question"] for e in held}) <= 2  # drawn apart
 
 
+def named_lab(name: str):
+    """A named lab's (NAMED_LABS) shipped folder, its settings and its views' layout."""
+    from aropd_mlx.config import load_config
+    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+
+    settings = settings_from(NAMED_LABS[name])
+    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
+                                                 settings.partial_outline)).views
+    return shipped.shipped_dir(name), settings, views
+
+
 def assert_reproduces(folder, settings, views, ks, names=("student", "full")) -> None:
     """The shipped model in `folder`: every file's hash, the recipe of `settings`, and its
     recorded held-out numbers (greedy, all-steps-correct at `ks` under the views `names`)
@@ -212,14 +223,7 @@ def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
 def test_the_shipped_long_lab_model_is_whole_loads_and_reproduces_its_numbers():
     """AROPD_MLX_LAB=long's model: its student view at the shortest and the longest k, and its
     anchor (the partial view) computing past its hint at a middle and the longest k."""
-    from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
-
-    settings = settings_from(NAMED_LABS["long"])
-    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
-                                                 settings.partial_outline)).views
-    assert_reproduces(shipped.shipped_dir("long"), settings, views, (5, 25, 40),
-                      names=("student", "partial"))
+    assert_reproduces(*named_lab("long"), (5, 25, 40), names=("student", "partial"))
 
 
 def test_a_second_build_of_one_lab_waits_and_builds_nothing(tmp_path, monkeypatch):

@@ -101,16 +101,12 @@ def test_the_shipped_stronger_writer_lab_reads_two_operations_a_line():
     from mlx_lm import load
 
     from aropd_mlx.compare import other_writer
-    from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
     from aropd_mlx.lab.measure import _responses, dev_examples
 
-    from test_lab_shipped import assert_reproduces
+    from test_lab_shipped import assert_reproduces, named_lab
 
-    folder = shipped.shipped_dir("stronger_writer")
-    settings = settings_from(NAMED_LABS["stronger_writer"])
+    folder, settings, views = named_lab("stronger_writer")
     assert settings.warm_init == "hindsight" and settings.k_max == 13
-    views = load_config(overrides=view_overrides(settings.k_max)).views
     assert_reproduces(folder, settings, views, (6, 8), names=("student", "full"))
     model, tok = load(str(folder))
     hinted = [e for e in other_writer(dev_examples(settings, 4), "two_per_line")

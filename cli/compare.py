@@ -6,7 +6,7 @@
     aropd-mlx compare --methods full-opd,ar-opd --seeds 1 --steps 2   # a smoke run
     aropd-mlx compare --setting other-writer --set train.learning_rate=1e-4
     AROPD_MLX_LAB=hindsight aropd-mlx compare --partial-ratios 0   # a full view with hindsight
-    AROPD_MLX_LAB=long_hindsight aropd-mlx compare --length-buckets 64,128,192  # long rollouts
+    AROPD_MLX_LAB=long_distrust aropd-mlx compare --length-buckets 64,128,192  # long rollouts
     AROPD_MLX_LAB=stronger_writer aropd-mlx compare --setting stronger-writer --sft-steps 2176 \
         --methods base,sft,full-opd,ar-opd      # references the student cannot copy (LAB.md)
 """

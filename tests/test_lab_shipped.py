@@ -428,3 +428,16 @@ def test_question_last_labs_train_and_run_with_the_question_last_views(tmp_path)
     assert warm["pad_question_chars"] == views.pad_question_chars == len("Q:1+2+3+4")
     ex = Example(id="x", question="Q:1+2", solution="1+2=3", answer="3")
     assert render_views(ex, views)["full"].endswith("\nA:3\n....Q:1+2")
+
+
+def test_every_shipped_lab_folder_is_packaged():
+    """A wheel carries every shipped model: each folder of shipped.folders() (the default lab's
+    and each named lab's) is a package of pyproject.toml with all its files as package data
+    (a folder left out installs without its model, and setuptools warns on every install)."""
+    import tomllib
+    from pathlib import Path
+
+    conf = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for folder in shipped.folders():
+        package = f"aropd_mlx.lab.{folder.name}"
+        assert package in conf["packages"] and conf["package-data"].get(package) == ["*"], package

@@ -421,10 +421,10 @@ def compare_markdown(comp: dict) -> str:
         parts.append("\n`opd` scores with the self-teacher's own student view: with a frozen "
                      "self-teacher its target is the student at the start (KL 0), a control with "
                      "no privileged signal.\n")
-    if "sft" in methods and comp["settings"].get("setting", "clean") == "clean":
+    if "sft" in methods:
         parts.append("\nSFT trains on the lab's clean oracle traces, which are exactly in the "
-                     "student's output format: read it as a ceiling, not a rival (docs/LAB.md).\n")
-    elif "sft" in methods:
-        parts.append("\nSFT trains on the other writer's traces (the setting above): the control "
+                     "student's output format: read it as a ceiling, not a rival (docs/LAB.md).\n"
+                     if comp["settings"].get("setting", "clean") == "clean" else
+                     "\nSFT trains on the other writer's traces (the setting above): the control "
                      "the paper compares AR-OPD with.\n")
     return "\n".join(parts)

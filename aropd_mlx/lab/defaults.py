@@ -265,15 +265,15 @@ NAMED_LABS = {
 NAMED_LABS["long_hindsight"] = {**NAMED_LABS["long"], "warm_init": "long",
                                 "warm_student_schedule": [], "warm_steps": 100,
                                 "full_copy_share": 0.3, "full_copy_style": "slipped"}
-# "stronger_writer": the hindsight lab's teacher taught to read a stronger writer's references
-# (two operations a line, half of the hints) by 400 more steps at k <= 13, so that k = 12 is not
-# the edge of its trained lengths; for `compare --setting stronger-writer` (LAB.md, session 16)
 # "long_distrust": the long hindsight lab's copy rows slipping past the anchor's cut only, plus
 # distrust rows (a partial view whose reference slips where it looks, the oracle's trace the
 # target) at half the warm-start lr: an anchor that computes inside its half, a full view that
 # keeps its hindsight past the cut, a student that keeps its long chains (LAB.md, session 17)
 NAMED_LABS["long_distrust"] = {**NAMED_LABS["long_hindsight"], "full_copy_past_cut": True,
                                "anchor_distrust_share": 0.2, "warm_lr": 0.001}
+# "stronger_writer": the hindsight lab's teacher taught to read a stronger writer's references
+# (two operations a line, half of the hints) by 400 more steps at k <= 13, so that k = 12 is not
+# the edge of its trained lengths; for `compare --setting stronger-writer` (LAB.md, session 16)
 NAMED_LABS["stronger_writer"] = {"warm_init": "hindsight", "warm_student_steps": 0,
                                  "warm_steps": 400, "warm_hint_styles": ["oracle", "two_per_line"],
                                  "full_copy_share": 0.3, "full_copy_style": "slipped", "k_max": 13}

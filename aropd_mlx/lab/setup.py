@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -62,8 +63,6 @@ def checker(example, response: str) -> dict:
 
 
 def eval_examples(settings: LabSettings) -> list[dict]:
-    import random
-
     rng = random.Random(10_000 + settings.seed)
     return [task.make_example(rng, k, id=f"eval-k{k}-{i}", with_outline=settings.partial_outline)
             for k in settings.eval_ks for i in range(settings.n_eval_per_k)]
@@ -114,9 +113,6 @@ def distrusts_reference(settings: LabSettings, ex) -> bool:
 def distrusted(ex, ratio: float):
     """`ex` with a reference that slips once, on a line the partial view (`ratio`) shows, the
     chain computed on from the slip; the true answer kept."""
-    import random
-    from dataclasses import replace
-
     rng = random.Random(f"distrust:{ex.id}")
     lines, _ = task.slip_once(ex.question, rng.randrange(shown_lines(ex.solution, ratio)), rng)
     return replace(ex, solution="\n".join(lines))
@@ -131,9 +127,6 @@ def warm_encoder(settings: LabSettings, cfg, tokenizer):
     (settings.full_copy_style), whatever view the mix draws, its target that same trace; a
     distrust row (`distrusts_reference`) the partial view of a reference that slips where that
     view shows it (`distrusted`), whatever view the mix draws, its target the oracle's trace."""
-    import random
-    from dataclasses import replace
-
     from aropd_mlx.batches import Encoded, PromptEncoder
 
     class WarmEncoder(PromptEncoder):

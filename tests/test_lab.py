@@ -76,6 +76,10 @@ def test_bad_lab_override_is_one_line(small_lab, monkeypatch):
     monkeypatch.setenv("AROPD_MLX_LAB", '{"warm_hint_styles": ["oracle", "sideways"]}')
     result = CliRunner().invoke(app, ["lab", "build"])
     assert result.exit_code == 2 and "unknown reference style 'sideways'" in result.output
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "lnog", "k_max": 8}')
+    result = CliRunner().invoke(app, ["lab", "build"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "AROPD_MLX_LAB" in result.output and "\"base\" must name a lab" in result.output
 
 
 def test_teacher_uses_its_privileged_context(tmp_path):

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from aropd_mlx.errors import UserError
-from aropd_mlx.lab import setup, shipped, task
+from aropd_mlx.lab import defaults, setup, shipped, task
 from aropd_mlx.lab.measure import rates_by_k, well_formed
 from aropd_mlx.lab.setup import LabSettings, prepare_lab
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
@@ -65,8 +65,6 @@ def test_a_named_labs_model_is_found_in_its_own_folder(ship, tmp_path, monkeypat
     """install() looks in every shipped folder (the default lab's and shipped_<name> of each
     NAMED_LABS entry) and copies the one whose recipe matches; AROPD_MLX_LAB=<name> gives that
     named lab's settings, an unknown name one clear error."""
-    from aropd_mlx.lab import defaults
-
     other = replace(SMALL, seed=7)
     model = build_tiny_model(tmp_path / "built7", SMALL.spec)
     (tmp_path / "base").mkdir()
@@ -88,6 +86,31 @@ def test_a_named_labs_model_is_found_in_its_own_folder(ship, tmp_path, monkeypat
     assert defaults.lab_settings_for().full_copy_style == "slipped"
     monkeypatch.setenv("AROPD_MLX_LAB", "lnog")
     with pytest.raises(UserError, match="'lnog' is neither a lab's name \\(.*long"):
+        defaults.lab_settings_for()
+
+
+def test_a_lab_recipe_can_start_from_a_named_lab(monkeypatch):
+    """AROPD_MLX_LAB='{"base": <name>, ...}': that lab's settings with some changed; the same
+    lab (key) as the recipe spelled out in full."""
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "long_hindsight", "full_copy_past_cut": true, '
+                       '"anchor_distrust_share": 0.2, "warm_lr": 0.001}')
+    assert defaults.lab_settings_for().key() == "9cc63d66dc1b"  # long_distrust's (docs/LAB.md)
+    spelled = ('{"warm_init": "hindsight", "warm_student_steps": 0, "warm_steps": 200, '
+               '"full_copy_share": 0.3, "full_copy_style": "slipped", "full_copy_past_cut": true, '
+               '"anchor_distrust_share": 0.2}')  # README's distrust lab
+    monkeypatch.setenv("AROPD_MLX_LAB", spelled)
+    full = defaults.lab_settings_for()
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "hindsight", "warm_init": "hindsight", '
+                       '"warm_student_steps": 0, "warm_steps": 200, "full_copy_past_cut": true, '
+                       '"anchor_distrust_share": 0.2}')
+    assert defaults.lab_settings_for() == full
+    # a spec is laid over the base's spec key by key; the base itself is left as it was
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "long", "spec": {"hidden": 256}}')
+    spec = defaults.lab_settings_for().spec
+    assert (spec.hidden, spec.max_position, spec.rope_theta) == (256, 1024, 500.0)
+    assert defaults.NAMED_LABS["long"]["spec"]["hidden"] == 128
+    monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "default", "k_max": 8}')
+    with pytest.raises(UserError, match="\"base\" must name a lab \\(hindsight, long"):
         defaults.lab_settings_for()
 
 

@@ -281,9 +281,10 @@ NAMED_LABS["stronger_writer"] = {"warm_init": "hindsight", "warm_student_steps":
 
 def lab_settings_for(cfg=None) -> LabSettings:
     """The lab's settings; env AROPD_MLX_LAB='{"warm_steps": 2000, "k_max": 8}' changes them
-    (a bigger or smaller lab; each distinct setting is built and cached once), and
+    (a bigger or smaller lab; each distinct setting is built and cached once),
     AROPD_MLX_LAB=long, =hindsight, =long_hindsight, =long_distrust or =stronger_writer picks a
-    named one (NAMED_LABS)."""
+    named one (NAMED_LABS), and '{"base": "long_distrust", "warm_lr": 0.0005}' is a named lab
+    with some settings changed (`with_base`)."""
     raw = os.environ.get("AROPD_MLX_LAB")
     if not raw:
         return LabSettings()
@@ -296,9 +297,26 @@ def lab_settings_for(cfg=None) -> LabSettings:
         values = json.loads(raw)
         if not isinstance(values, dict):
             raise ValueError("expected a JSON object")
-        return settings_from(values)
+        return settings_from(with_base(values))
     except (ValueError, TypeError) as e:
         raise UserError(f"AROPD_MLX_LAB: {e}") from None
+
+
+def with_base(values: dict) -> dict:
+    """Lab settings in JSON form whose "base" names a lab (NAMED_LABS): that lab's settings with
+    the other keys laid over them (a "spec" over the base's spec, key by key). Without "base":
+    `values` as they are (LabSettings' defaults fill the rest)."""
+    if "base" not in values:
+        return values
+    values = dict(values)
+    base = values.pop("base")
+    if not isinstance(base, str) or base not in NAMED_LABS:
+        raise ValueError(f'"base" must name a lab ({", ".join(NAMED_LABS)}), got {base!r}')
+    merged = {**NAMED_LABS[base], **values}
+    if isinstance(values.get("spec"), dict):
+        base_spec = NAMED_LABS[base].get("spec") or asdict(LabSettings().spec)
+        merged["spec"] = {**base_spec, **values["spec"]}
+    return merged
 
 
 def settings_from(values: dict) -> LabSettings:

@@ -88,6 +88,24 @@ def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Wr
         json_out.write_text(json.dumps(numbers, indent=2))
 
 
+@lab_app.command("show")
+@handles_errors
+def lab_show(all_labs: bool = typer.Option(False, "--all", help="List the default lab and every named one."),
+             json_out: bool = typer.Option(False, "--json", help="Print JSON instead.")):
+    """The lab AROPD_MLX_LAB selects: its key, whether its model is shipped, built or not built
+    yet, its lengths, and its recipe as JSON (give it back to AROPD_MLX_LAB edited, or write
+    '{"base": "<named lab>", ...}' with only what changes)."""
+    from aropd_mlx.lab.catalog import (catalog, describe, format_catalog, format_description,
+                                       selected_name)
+    from aropd_mlx.lab.defaults import lab_settings_for
+
+    found = catalog() if all_labs else describe(lab_settings_for(), selected_name())
+    if json_out:
+        typer.echo(json.dumps(found, indent=2))
+    else:
+        typer.echo(format_catalog(found) if all_labs else format_description(found))
+
+
 def main() -> None:
     from aropd_mlx.platform import ensure_fast_blas
 

@@ -177,7 +177,7 @@ def test_the_trackers_get_each_line_through_a_fake_wandb(tiny_llama, tmp_path, m
     fake.Image = lambda path: ("image", path)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run = tmp_path / "run"
-    summary = _train(tiny_llama, run, **{"train.report_to": "wandb", "train.steps": 3})
+    _train(tiny_llama, run, **{"train.report_to": "wandb", "train.steps": 3})
     init = calls[0][1]
     assert init["project"] == "aropd-mlx" and init["dir"] == str(run) and init["resume"] == "allow"
     assert init["config"]["train"]["steps"] == 3

@@ -50,6 +50,9 @@ def test_lab_show_prints_the_selected_lab_and_its_recipe_round_trips(monkeypatch
     back = CliRunner().invoke(app, ["lab", "show", "--json"])
     assert back.exit_code == 0, back.output
     assert json.loads(back.output)["key"] == key and json.loads(back.output)["name"] == "custom"
+    (catalog.cache_root() / key / "model").mkdir(parents=True)  # as prepare_lab installs it
+    monkeypatch.setenv("AROPD_MLX_LAB", "long")
+    assert "installed in the cache" in CliRunner().invoke(app, ["lab", "show"]).output
     listed = CliRunner().invoke(app, ["lab", "show", "--all"])
     assert listed.exit_code == 0 and all(name in listed.output for name in NAMED_LABS)
     monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "lnog"}')

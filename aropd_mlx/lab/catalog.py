@@ -46,10 +46,12 @@ MODEL_WORDS = {"shipped": "shipped in the package (copied into the cache on firs
 
 
 def format_description(d: dict) -> str:
+    model = ("shipped in the package, installed in the cache"
+             if d["model"] == "shipped" and d["cached"] else MODEL_WORDS[d["model"]])
     return "\n".join([
         f"lab:    {d['name']}" + ("" if d["name"] == "default" else " (AROPD_MLX_LAB)"),
         f"key:    {d['key']}",
-        f"model:  {MODEL_WORDS[d['model']]}",
+        f"model:  {model}",
         f"cache:  {d['cache']}" + ("" if d["cached"] else " (empty)"),
         f"task:   k = {d['k'][0]}..{d['k'][1]} operations, correct responses up to "
         f"{d['longest_response_tokens']} tokens",

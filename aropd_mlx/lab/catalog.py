@@ -22,11 +22,12 @@ def selected_name() -> str:
 def describe(settings: LabSettings, name: str = "custom") -> dict:
     """A lab's key, where its model comes from (shipped with the package, built in the cache,
     or not built yet), its lengths and its recipe (JSON that AROPD_MLX_LAB takes back)."""
-    root = cache_root() / settings.key()
-    folder = next((f for f in shipped.folders() if shipped.matches(settings, f)), None)
+    key = settings.key()
+    root = cache_root() / key
+    folder = shipped.find(settings)
     cached = (root / "model").is_dir()
     model = ("shipped" if folder is not None else "built" if cached else "not built")
-    return {"name": name, "key": settings.key(), "model": model,
+    return {"name": name, "key": key, "model": model,
             "shipped_in": str(folder) if folder is not None else None,
             "cache": str(root), "cached": cached, "k": [settings.k_min, settings.k_max],
             "longest_response_tokens": lab_response_tokens(settings.k_max),

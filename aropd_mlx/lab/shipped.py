@@ -82,13 +82,19 @@ def matches(settings, folder: Path | None = None) -> bool:
     return found is not None and found.get("recipe") == recipe(settings)
 
 
+def find(settings, folder: Path | None = None) -> Path | None:
+    """The shipped folder whose model was built with `settings`: `folder` if it was, or else the
+    first of every shipped folder that was; None when none."""
+    return next((f for f in ([folder] if folder is not None else folders())
+                 if matches(settings, f)), None)
+
+
 def install(settings, dest: Path, folder: Path | None = None) -> bool:
     """Copy the shipped model built with `settings` to `dest` (atomically), looking in `folder`
     or else in every shipped folder; False when none was built with them."""
-    built = [f for f in ([folder] if folder is not None else folders()) if matches(settings, f)]
-    if not built:
+    folder = find(settings, folder)
+    if folder is None:
         return False
-    folder = built[0]
     found = verify(folder)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

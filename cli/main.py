@@ -95,11 +95,11 @@ def lab_show(all_labs: bool = typer.Option(False, "--all", help="List the defaul
     """The lab AROPD_MLX_LAB selects: its key, whether its model is shipped, built or not built
     yet, its lengths, and its recipe as JSON (give it back to AROPD_MLX_LAB edited, or write
     '{"base": "<named lab>", ...}' with only what changes)."""
-    from aropd_mlx.lab.catalog import (catalog, describe, format_catalog, format_description,
-                                       selected_name)
-    from aropd_mlx.lab.defaults import lab_settings_for
+    from aropd_mlx.lab.catalog import catalog, describe, format_catalog, format_description
+    from aropd_mlx.lab.defaults import selected_lab
 
-    found = catalog() if all_labs else describe(lab_settings_for(), selected_name())
+    name, settings = selected_lab()
+    found = catalog() if all_labs else describe(settings, name)
     if json_out:
         typer.echo(json.dumps(found, indent=2))
     else:

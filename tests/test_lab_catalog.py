@@ -32,7 +32,8 @@ def test_every_listed_lab_is_shipped_and_its_recipe_comes_back_as_the_same_lab()
 
 def test_a_custom_lab_is_not_built_until_its_model_is_in_the_cache(monkeypatch):
     monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "long_distrust", "warm_lr": 0.0005}')
-    d = catalog.describe(defaults.lab_settings_for(), catalog.selected_name())
+    name, settings = defaults.selected_lab()
+    d = catalog.describe(settings, name)
     assert (d["name"], d["model"], d["cached"]) == ("custom", "not built", False)
     assert d["recipe"]["warm_lr"] == 0.0005 and d["recipe"]["anchor_distrust_share"] == 0.2
     (catalog.cache_root() / d["key"] / "model").mkdir(parents=True)
@@ -58,3 +59,15 @@ def test_lab_show_prints_the_selected_lab_and_its_recipe_round_trips(monkeypatch
     monkeypatch.setenv("AROPD_MLX_LAB", '{"base": "lnog"}')
     bad = CliRunner().invoke(app, ["lab", "show"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "must name a lab" in bad.output
+
+
+def test_selected_lab_names_what_aropd_mlx_lab_selects(monkeypatch):
+    for raw, name in [("", "default"), ("  ", "default"), (" long ", "long"),
+                      ('{"base": "long", "warm_lr": 0.0005}', "custom"), ('{"k_max": 8}', "custom")]:
+        monkeypatch.setenv("AROPD_MLX_LAB", raw)
+        got, settings = defaults.selected_lab()
+        assert got == name and settings == defaults.lab_settings_for()
+    monkeypatch.setenv("AROPD_MLX_LAB", "long")
+    assert defaults.selected_lab()[1] == defaults.settings_from(defaults.NAMED_LABS["long"])
+    monkeypatch.delenv("AROPD_MLX_LAB")
+    assert defaults.selected_lab() == ("default", defaults.LabSettings())

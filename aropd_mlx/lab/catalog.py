@@ -1,22 +1,15 @@
 """Which labs exist and where each one's model is: `aropd-mlx lab show`.
 
-    describe(lab_settings_for())       # the lab AROPD_MLX_LAB selects: key, model, recipe
+    describe(*reversed(selected_lab()))  # the lab AROPD_MLX_LAB selects: key, model, recipe
     catalog()                          # the default lab and every named one (NAMED_LABS)
 """
 from __future__ import annotations
 
 import json
-import os
 
 from aropd_mlx.lab import shipped
 from aropd_mlx.lab.defaults import NAMED_LABS, LabSettings, lab_response_tokens, settings_from
 from aropd_mlx.lab.setup import cache_root
-
-
-def selected_name() -> str:
-    """How AROPD_MLX_LAB names the lab: "default" (unset), a named lab's name, or "custom"."""
-    raw = os.environ.get("AROPD_MLX_LAB", "").strip()
-    return "default" if not raw else raw if raw in NAMED_LABS else "custom"
 
 
 def describe(settings: LabSettings, name: str = "custom") -> dict:

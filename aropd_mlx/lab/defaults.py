@@ -285,11 +285,16 @@ def lab_settings_for(cfg=None) -> LabSettings:
     AROPD_MLX_LAB=long, =hindsight, =long_hindsight, =long_distrust or =stronger_writer picks a
     named one (NAMED_LABS), and '{"base": "long_distrust", "warm_lr": 0.0005}' is a named lab
     with some settings changed (`with_base`)."""
+    return selected_lab()[1]
+
+
+def selected_lab() -> tuple[str, LabSettings]:
+    """What AROPD_MLX_LAB selects: ("default" | a named lab's name | "custom", its settings)."""
     raw = os.environ.get("AROPD_MLX_LAB")
-    if not raw:
-        return LabSettings()
+    if not raw or not raw.strip():
+        return "default", LabSettings()
     if raw.strip() in NAMED_LABS:
-        return settings_from(NAMED_LABS[raw.strip()])
+        return raw.strip(), settings_from(NAMED_LABS[raw.strip()])
     if not raw.lstrip().startswith("{"):
         raise UserError(f"AROPD_MLX_LAB: {raw.strip()!r} is neither a lab's name "
                         f"({', '.join(NAMED_LABS)}) nor a JSON object of lab settings")
@@ -297,7 +302,7 @@ def lab_settings_for(cfg=None) -> LabSettings:
         values = json.loads(raw)
         if not isinstance(values, dict):
             raise ValueError("expected a JSON object")
-        return settings_from(with_base(values))
+        return "custom", settings_from(with_base(values))
     except (ValueError, TypeError) as e:
         raise UserError(f"AROPD_MLX_LAB: {e}") from None
 

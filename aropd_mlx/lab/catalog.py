@@ -1,7 +1,8 @@
 """Which labs exist and where each one's model is: `aropd-mlx lab show`.
 
-    describe(*reversed(selected_lab()))  # the lab AROPD_MLX_LAB selects: key, model, recipe
-    catalog()                          # the default lab and every named one (NAMED_LABS)
+    name, settings = defaults.selected_lab()   # what AROPD_MLX_LAB selects
+    describe(settings, name)                   # its key, model, lengths and recipe
+    catalog()                                  # the default lab and every named one (NAMED_LABS)
 """
 from __future__ import annotations
 

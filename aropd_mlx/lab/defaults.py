@@ -290,13 +290,13 @@ def lab_settings_for(cfg=None) -> LabSettings:
 
 def selected_lab() -> tuple[str, LabSettings]:
     """What AROPD_MLX_LAB selects: ("default" | a named lab's name | "custom", its settings)."""
-    raw = os.environ.get("AROPD_MLX_LAB")
-    if not raw or not raw.strip():
+    raw = os.environ.get("AROPD_MLX_LAB", "").strip()
+    if not raw:
         return "default", LabSettings()
-    if raw.strip() in NAMED_LABS:
-        return raw.strip(), settings_from(NAMED_LABS[raw.strip()])
-    if not raw.lstrip().startswith("{"):
-        raise UserError(f"AROPD_MLX_LAB: {raw.strip()!r} is neither a lab's name "
+    if raw in NAMED_LABS:
+        return raw, settings_from(NAMED_LABS[raw])
+    if not raw.startswith("{"):
+        raise UserError(f"AROPD_MLX_LAB: {raw!r} is neither a lab's name "
                         f"({', '.join(NAMED_LABS)}) nor a JSON object of lab settings")
     try:
         values = json.loads(raw)

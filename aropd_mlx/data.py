@@ -66,7 +66,8 @@ class Example:
     solution: str | None = None
     answer: str | None = None
     # Optional public outline of the solution, one line per solution line (what each step is to
-    # do, nothing it finds): views.partial_outline shows it past the anchor's cut
+    # do, nothing it finds): views.partial_outline shows it past the anchor's cut,
+    # views.student_outline to the student
     outline: str | None = None
 
     def to_json(self) -> dict:

@@ -58,6 +58,11 @@ class ViewSettings:
     # what each remaining step is to do, e.g. the question's operation restated where the
     # reference's line would be), so the anchor computes its second half in place (LAB.md s. 12)
     partial_outline: bool = False
+    # The student's view as a worksheet: its {reference} is the example's outline (padded like
+    # the references), its {answer} pad_line's first character, its question padded as the
+    # privileged views' is; with the privileged template as student_template every view then
+    # has one layout and reads step i's operation at one fixed distance (LAB.md, session 20)
+    student_outline: bool = False
     use_chat_template: bool = True
     system_prompt: str | None = None
     # Extra variables of the chat template, the same for every view: {enable_thinking: false}
@@ -73,7 +78,12 @@ class ViewSettings:
         if self.pad_question_chars and not self.pad_line:
             raise UserError("views.pad_question_chars needs views.pad_line (its first character "
                             "pads the question)")
+        if self.student_outline and not self.pad_line:
+            raise UserError("views.student_outline needs views.pad_line (its first character is "
+                            "the student's answer placeholder)")
         for name, (allowed, required) in TEMPLATE_FIELDS.items():
+            if name == "student_template" and self.student_outline:
+                allowed = TEMPLATE_FIELDS["privileged_template"][0]
             check_template(f"views.{name}", getattr(self, name), allowed, required)
         for key in self.chat_template_args or {}:
             if key in RESERVED_TEMPLATE_ARGS:
@@ -144,14 +154,24 @@ def _pad(reference: str, settings: ViewSettings) -> str:
 
 
 def render_views(example, settings: ViewSettings) -> dict[str, str]:
-    """The text of each view (before any chat template). Privileged views need a solution."""
-    student = settings.student_template.format(question=example.question, reference="", answer="")
-    out = {"student": student}
-    if example.solution is None or example.answer is None:
-        return out
+    """The text of each view (before any chat template). Privileged views need a solution;
+    views.student_outline an outline."""
     question = example.question
     if settings.pad_question_chars:  # validate(): pad_line is set then
         question = question.rjust(settings.pad_question_chars, settings.pad_line[0])
+    if settings.student_outline:
+        sheet = getattr(example, "outline", None)
+        if not sheet:
+            raise UserError(f"example {example.id!r} has no outline, which "
+                            "views.student_outline shows the student")
+        student = settings.student_template.format(
+            question=question, reference=_pad(sheet, settings), answer=settings.pad_line[0])
+    else:
+        student = settings.student_template.format(question=example.question, reference="",
+                                                   answer="")
+    out = {"student": student}
+    if example.solution is None or example.answer is None:
+        return out
     for name, ratio in (("partial", settings.partial_ratio), ("full", 1.0)):
         reference = partial_reference(example.solution, ratio)
         if settings.partial_outline and name == "partial":

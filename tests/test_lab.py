@@ -189,3 +189,46 @@ def test_a_lab_with_partial_outline_writes_outlines_and_its_runs_show_them(tmp_p
     texts = render_views(ex, views)
     assert texts["partial"].startswith("\n".join(steps[:4] + rest[4:]) + "\n")
     assert texts["full"].startswith(ex.solution + "\n")
+
+
+def test_a_lab_with_a_student_sheet_shows_every_view_one_layout_within_its_prompt_limit(tmp_path):
+    """LabSettings.student_sheet: the lab's problems carry the outline with its start digit, the
+    preset turns views.student_outline on with the privileged layout, every view of a problem
+    then has the same token length, the longest question's prompts fit the run's
+    data.max_prompt_tokens (k_max = 64 is past the 512 of shorter labs), and the sheet needs
+    question_last; off, the key is as before the field existed."""
+    from dataclasses import replace
+
+    from aropd_mlx.config import load_config
+    from aropd_mlx.data import load_examples
+    from aropd_mlx.errors import UserError
+    from aropd_mlx.lab.defaults import LATER_FIELDS, lab_max_prompt_tokens, lab_preset
+    from aropd_mlx.lab.setup import Lab, write_data
+    from aropd_mlx.lab.task import outline
+    from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
+    from aropd_mlx.views import encode_views, render_views
+
+    off = LabSettings(n_train=20, k_min=60, k_max=64, eval_ks=(64,), n_eval_per_k=2,
+                      question_last=True, partial_outline=True)
+    on = replace(off, student_sheet=True)
+    assert LATER_FIELDS["student_sheet"] is False and off.key() != on.key()
+    with pytest.raises(UserError, match="student_sheet needs question_last"):
+        replace(on, question_last=False)
+    write_data(on, tmp_path)
+    examples = load_examples(str(tmp_path / "eval.jsonl")) + load_examples(
+        str(tmp_path / "train.jsonl"))
+    assert all(e.outline == outline(e.question, with_start=True) for e in examples)
+    preset = lab_preset(Lab(on, tmp_path))
+    cfg = load_config(overrides=preset)
+    assert cfg.views.student_outline and not load_config(
+        overrides=lab_preset(Lab(off, tmp_path))).views.student_outline
+    tokenizer_dir = build_tiny_model(tmp_path / "m", TinySpec(hidden=16, layers=1, heads=2,
+                                                              kv_heads=2, intermediate=32))
+    from mlx_lm import load
+
+    _, tokenizer = load(str(tokenizer_dir))
+    longest = max(examples, key=lambda e: len(e.question))
+    ids = encode_views(tokenizer, render_views(longest, cfg.views), cfg.views)
+    assert len({len(v) for v in ids.values()}) == 1
+    assert 512 < len(ids["student"]) <= cfg.data.max_prompt_tokens == lab_max_prompt_tokens(64)
+    assert render_views(longest, cfg.views)["student"].startswith(longest.outline + "\n")

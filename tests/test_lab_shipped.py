@@ -197,11 +197,10 @@ def test_dev_problems_are_apart_from_the_held_out_set():
 def named_lab(name: str):
     """A named lab's (NAMED_LABS) shipped folder, its settings and its views' layout."""
     from aropd_mlx.config import load_config
-    from aropd_mlx.lab.defaults import NAMED_LABS, settings_from, view_overrides
+    from aropd_mlx.lab.defaults import NAMED_LABS, lab_view_overrides, settings_from
 
     settings = settings_from(NAMED_LABS[name])
-    views = load_config(overrides=view_overrides(settings.k_max, settings.question_last,
-                                                 settings.partial_outline)).views
+    views = load_config(overrides=lab_view_overrides(settings)).views
     return shipped.shipped_dir(name), settings, views
 
 

@@ -11,6 +11,7 @@ from aropd_mlx.lab.task import (
     OPS,
     Verdict,
     check,
+    format_question,
     format_response,
     generate,
     make_example,
@@ -324,6 +325,19 @@ def test_the_outline_restates_each_operation_in_its_lines_columns_and_solves_not
     for line, step in zip(lines, steps):
         assert len(line) == LINE_WIDTH
         assert line == "." + step[1:3] + "=."
+
+
+@given(_question)
+def test_an_outline_with_its_start_restates_the_whole_question(q):
+    """task.outline(with_start=True): the outline with the start digit in its first column, so
+    the question can be read back from it alone."""
+    from aropd_mlx.lab.task import outline
+
+    start, ops = parse_question(q)
+    sheet = outline(q, with_start=True).split("\n")
+    assert sheet[0] == str(start) + outline(q).split("\n")[0][1:]
+    assert sheet[1:] == outline(q).split("\n")[1:]
+    assert format_question(int(sheet[0][0]), [(line[1], int(line[2])) for line in sheet]) == q
 
 
 def test_examples_carry_an_outline_only_when_asked_and_it_survives_the_data_files(tmp_path):

@@ -134,3 +134,37 @@ def test_the_partial_outline_continues_the_anchor_past_its_cut_and_nowhere_else(
     assert outlined["full"] == plain["full"] and outlined["student"] == plain["student"]
     bare = Example(id="y", question=ex.question, solution=ex.solution, answer="2")
     assert render_views(bare, ViewSettings(**base, partial_outline=True)) == plain
+
+
+def test_the_student_outline_gives_the_student_the_privileged_views_layout():
+    """views.student_outline: the student's prompt is the privileged template with the outline
+    padded where the references sit, pad_line's first character for the answer and the padded
+    question, written out by hand; so response line i is as far from the student's line i as
+    from the full view's (the same length of every prompt). Off, the student view is as before;
+    on, it needs pad_line and an outline, and the student template may use {reference}."""
+    from aropd_mlx.data import Example
+    from aropd_mlx.views import render_views
+
+    layout = "{reference}\nA:{answer}\n{question}"
+    base = dict(privileged_template=layout, pad_line=".....", pad_reference_lines=6,
+                pad_question_chars=13, partial_outline=True)
+    ex = Example(id="x", question="Q:7+5*3-2+8", solution="7+5=2\n2*3=6\n6-2=4\n4+8=2",
+                 answer="2", outline="7+5=.\n.*3=.\n.-2=.\n.+8=.")
+    on = ViewSettings(**base, student_template=layout, student_outline=True)
+    on.validate()
+    texts = render_views(ex, on)
+    assert texts["student"] == ("7+5=.\n.*3=.\n.-2=.\n.+8=.\n.....\n.....\nA:.\n"
+                                "..Q:7+5*3-2+8")
+    assert len({len(t) for t in texts.values()}) == 1
+    off = render_views(ex, ViewSettings(**base, student_template="{question}"))
+    assert off["student"] == ex.question
+    assert {k: v for k, v in off.items() if k != "student"} == {
+        k: v for k, v in texts.items() if k != "student"}
+    assert render_views(Example(id="q", question=ex.question, outline=ex.outline), on) == {
+        "student": texts["student"]}  # no solution: the student view alone, as without it
+    with pytest.raises(UserError, match="example 'y' has no outline"):
+        render_views(Example(id="y", question=ex.question), on)
+    with pytest.raises(UserError, match="student_outline needs views.pad_line"):
+        ViewSettings(student_template=layout, student_outline=True).validate()
+    with pytest.raises(UserError, match="unknown placeholder {reference}"):
+        ViewSettings(**base, student_template=layout).validate()

@@ -92,6 +92,17 @@ class LabSettings:
     # tiny model: its phases then add to that lab's training (e.g. copy rows on top of the long
     # lab's teacher, docs/LAB.md session 15); the spec must be that lab's. "": from scratch
     warm_init: str = ""
+    # the student view as a worksheet (views.student_outline): the question's outline, its first
+    # line holding the start digit, padded to k_max lines where the references sit, then the
+    # answer's placeholder and the question: one layout for every view, so that response line i
+    # reads its operation at one fixed distance at every k (docs/LAB.md, session 20); needs
+    # question_last
+    student_sheet: bool = False
+
+    @property
+    def with_outline(self) -> bool:
+        """Whether the lab's problems carry task.outline (start digit included for the sheet)."""
+        return self.partial_outline or self.student_sheet
 
     def __post_init__(self):
         for name in ("full_copy_share", "full_copy_p", "anchor_distrust_share"):
@@ -110,6 +121,9 @@ class LabSettings:
                                             and self.full_copy_style == "slipped"):
             raise UserError("lab settings: full_copy_past_cut needs copy rows of the slipped "
                             "style (full_copy_share > 0, full_copy_style slipped)")
+        if self.student_sheet and not self.question_last:
+            raise UserError("lab settings: student_sheet needs question_last (the sheet takes the "
+                            "references' place, the question after it)")
         if self.warm_student_schedule and self.warm_student_steps:
             raise UserError("lab settings: warm_student_schedule replaces warm_student_steps; "
                             "set warm_student_steps to 0")
@@ -165,7 +179,7 @@ class LabSettings:
 LATER_FIELDS = {"warm_student_schedule": (), "question_last": False, "warm_mixed_schedule": (),
                 "partial_outline": False, "full_copy_share": 0.0, "full_copy_p": 0.3,
                 "full_copy_style": "corrupted", "warm_init": "", "full_copy_past_cut": False,
-                "anchor_distrust_share": 0.0}
+                "anchor_distrust_share": 0.0, "student_sheet": False}
 
 
 def without_neutral_later_fields(values: dict) -> dict:
@@ -177,20 +191,24 @@ def without_neutral_later_fields(values: dict) -> dict:
 
 
 def view_overrides(k_max: int, question_last: bool = False,
-                   partial_outline: bool = False) -> dict:
+                   partial_outline: bool = False, student_sheet: bool = False) -> dict:
     """The lab's views: the reference is padded to k_max lines so that reference line i sits at
     a fixed distance from response line i, which a tiny model can learn to align (LAB.md).
     `question_last` (LabSettings): the question after the reference and the answer, padded on
     the left to the width of a k_max question, so the reference's distance stays fixed.
     `partial_outline` (LabSettings): the partial view's reference continues with the examples'
-    outlines past its cut."""
+    outlines past its cut. `student_sheet` (LabSettings): the student's view in the privileged
+    views' layout, its outline where their reference sits (views.student_outline)."""
     layout = ({"views.privileged_template": "{reference}\nA:{answer}\n{question}",
                "views.pad_question_chars": len(task.format_question(0, [("+", 0)] * k_max))}
               if question_last else
               {"views.privileged_template": "{question}\n{reference}\nA:{answer}"})
+    sheet = ({"views.student_template": layout["views.privileged_template"],
+              "views.student_outline": True} if student_sheet else {})
     return {
         "views.student_template": "{question}",
         **layout,
+        **sheet,
         "views.response_template": "{solution}\nA:{answer}",
         "views.pad_reference_lines": k_max,
         "views.pad_line": ".....",
@@ -219,6 +237,12 @@ LAB_TRAIN = {  # the run's settings that do not depend on the lab's build
 LAB_MAX_PROMPT_TOKENS = 512
 
 
+def lab_max_prompt_tokens(k_max: int) -> int:
+    """data.max_prompt_tokens of a lab run: 512, or more where a k_max-line reference (6 tokens
+    a line), the answer line and a padded k_max question (2 tokens an operation) need it."""
+    return max(LAB_MAX_PROMPT_TOKENS, 6 * k_max + 2 * k_max + 64)
+
+
 def lab_max_new_tokens(k_max: int) -> int:
     """Room for k_max steps of at most 6 tokens each plus the answer line."""
     return 6 * k_max + 8
@@ -235,9 +259,15 @@ def lab_overrides(lab) -> dict:
     its task needs, its views."""
     k_max = lab.settings.k_max
     return {"model.path": str(lab.model_path), "data.train": str(lab.train_path),
-            "data.eval": str(lab.eval_path), "data.max_prompt_tokens": LAB_MAX_PROMPT_TOKENS,
+            "data.eval": str(lab.eval_path), "data.max_prompt_tokens": lab_max_prompt_tokens(k_max),
             "rollout.max_new_tokens": lab_max_new_tokens(k_max),
-            **view_overrides(k_max, lab.settings.question_last, lab.settings.partial_outline)}
+            **lab_view_overrides(lab.settings)}
+
+
+def lab_view_overrides(settings: LabSettings) -> dict:
+    """`view_overrides` of a lab's settings."""
+    return view_overrides(settings.k_max, settings.question_last, settings.partial_outline,
+                          settings.student_sheet)
 
 
 def lab_preset(lab, cfg=None) -> dict:

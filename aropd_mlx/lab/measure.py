@@ -91,7 +91,8 @@ def dev_examples(settings, n_per_k: int | None = None) -> list:
     rng = random.Random(20_000 + settings.seed)
     n = n_per_k or settings.n_eval_per_k
     return [Example(**task.make_example(rng, k, id=f"dev-k{k}-{i}",
-                                        with_outline=settings.partial_outline))
+                                        with_outline=settings.with_outline,
+                                        outline_start=settings.student_sheet))
             for k in settings.eval_ks for i in range(n)]
 
 

@@ -24,7 +24,8 @@ from typing import Callable
 
 from aropd_mlx.data import Example, write_examples
 from aropd_mlx.lab import shipped, task
-from aropd_mlx.lab.defaults import LabSettings, lab_overrides, view_overrides  # noqa: F401 - API
+from aropd_mlx.lab.defaults import LabSettings, lab_overrides, lab_view_overrides
+from aropd_mlx.lab.defaults import view_overrides  # noqa: F401 - API
 from aropd_mlx.lab.tiny import build_tiny_model
 
 
@@ -64,14 +65,15 @@ def checker(example, response: str) -> dict:
 
 def eval_examples(settings: LabSettings) -> list[dict]:
     rng = random.Random(10_000 + settings.seed)
-    return [task.make_example(rng, k, id=f"eval-k{k}-{i}", with_outline=settings.partial_outline)
+    return [task.make_example(rng, k, id=f"eval-k{k}-{i}", with_outline=settings.with_outline,
+                              outline_start=settings.student_sheet)
             for k in settings.eval_ks for i in range(settings.n_eval_per_k)]
 
 
 def write_data(settings: LabSettings, root: Path) -> None:
     write_examples(root / "train.jsonl", task.generate(
         settings.n_train, settings.k_min, settings.k_max, seed=settings.seed,
-        with_outline=settings.partial_outline))
+        with_outline=settings.with_outline, outline_start=settings.student_sheet))
     write_examples(root / "eval.jsonl", eval_examples(settings))
 
 
@@ -188,7 +190,7 @@ def warm_start(settings: LabSettings, root: Path, on_step: Callable | None = Non
 
     init_dir = start_model(settings, root / "init")
     overrides = {
-        **view_overrides(settings.k_max, settings.question_last, settings.partial_outline),
+        **lab_view_overrides(settings),
         "model.path": str(init_dir), "model.fine_tune_type": "full",
         "train.method": "sft", "train.batch_size": settings.warm_batch,
         "train.learning_rate": settings.warm_lr, "train.min_lr_ratio": 0.1, "train.grad_clip": 1.0,

@@ -201,15 +201,21 @@ def format_response(steps: list[str], answer: str) -> str:
     return "\n".join([*steps, f"{ANSWER_PREFIX}{answer}"])
 
 
-def outline(question: str) -> str:
+def outline(question: str, with_start: bool = False) -> str:
     """Each step's operation restated where its solution line sits (``".+5=."``: the
     operator and operand in their columns, the values left as dots): public, nothing solved.
-    ``outline("Q:7+5*3") == ".+5=.\n.*3=."``."""
-    return "\n".join(f".{op}{b}=." for op, b in parse_question(question)[1])
+    ``outline("Q:7+5*3") == ".+5=.\n.*3=."``; `with_start`: the first line's first column holds
+    the question's start digit (``"7+5=.\n.*3=."``), so the outline restates the whole
+    question (a worksheet: views.student_outline)."""
+    start, ops = parse_question(question)
+    lines = [f".{op}{b}=." for op, b in ops]
+    if with_start:
+        lines[0] = str(start) + lines[0][1:]
+    return "\n".join(lines)
 
 
 def make_example(rng: random.Random, k: int, *, id: str | None = None,
-                 with_outline: bool = False) -> dict:
+                 with_outline: bool = False, outline_start: bool = False) -> dict:
     """One example in the data schema with k operations drawn from `rng`.
 
     The start digit is uniform in 0-9; each operator is uniform over ``OPS``, then its
@@ -231,13 +237,13 @@ def make_example(rng: random.Random, k: int, *, id: str | None = None,
         "solution": "\n".join(steps),
         "answer": answer,
     }
-    if with_outline:  # the schema's optional outline (views.partial_outline)
-        out["outline"] = outline(question)
+    if with_outline:  # the schema's optional outline (views.partial_outline, student_outline)
+        out["outline"] = outline(question, with_start=outline_start)
     return out
 
 
 def generate(n: int, k_min: int, k_max: int, seed: int, *, prefix: str = "lab",
-             with_outline: bool = False) -> list[dict]:
+             with_outline: bool = False, outline_start: bool = False) -> list[dict]:
     """n examples, deterministic in `seed`; each k uniform in [k_min, k_max].
 
     Ids are ``f"{prefix}-{seed}-{i}"``, so two sets drawn with different seeds never share
@@ -251,7 +257,8 @@ def generate(n: int, k_min: int, k_max: int, seed: int, *, prefix: str = "lab",
     out = []
     for i in range(n):
         k = rng.randint(k_min, k_max)
-        out.append(make_example(rng, k, id=f"{prefix}-{seed}-{i}", with_outline=with_outline))
+        out.append(make_example(rng, k, id=f"{prefix}-{seed}-{i}", with_outline=with_outline,
+                                outline_start=outline_start))
     return out
 
 

@@ -26,7 +26,7 @@ import mlx.core as mx
 from aropd_mlx.config import load_config
 from aropd_mlx.data import Example
 from aropd_mlx.lab import task
-from aropd_mlx.lab.measure import _responses
+from aropd_mlx.lab.measure import view_responses
 from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 from aropd_mlx.models import Teacher, load_student
 from aropd_mlx.trainer import train
@@ -50,7 +50,7 @@ def example(rng, k, id, layout):
 
 
 def measure(model, tok, dev, views, n, step):
-    resp = _responses(model, tok, dev, views, "student", 0.0, 8 * 50 + 8, 0)
+    resp = view_responses(model, tok, dev, views, "student", 0.0, 8 * 50 + 8, 0)
     by, fields = collections.defaultdict(list), collections.defaultdict(lambda: [0, 0, 0])
     for e, r in zip(dev, resp):
         want = (e.solution + f"\nA:{e.answer}").split("\n")

@@ -212,7 +212,7 @@ def assert_reproduces(folder, settings, views, ks, names=("student", "full")) ->
     from mlx_lm import load
 
     from aropd_mlx.data import Example
-    from aropd_mlx.lab.measure import _responses
+    from aropd_mlx.lab.measure import view_responses
     from aropd_mlx.lab.setup import eval_examples
 
     found = shipped.verify(folder)
@@ -221,8 +221,8 @@ def assert_reproduces(folder, settings, views, ks, names=("student", "full")) ->
     examples = [Example(**e) for e in eval_examples(settings)
                 if len(e["solution"].splitlines()) in ks]
     for view in names:
-        got = rates_by_k(examples, _responses(model, tok, examples, views, view, 0.0,
-                                              6 * settings.k_max + 8, seed=0))
+        got = rates_by_k(examples, view_responses(model, tok, examples, views, view, 0.0,
+                                                  6 * settings.k_max + 8, seed=0))
         for k in map(str, ks):
             want = found["measured"][view]["by_k"][k]["all_steps_correct"]
             assert abs(got["by_k"][k]["all_steps_correct"] - want) <= 0.05, (view, k)

@@ -101,7 +101,7 @@ def test_the_shipped_stronger_writer_lab_reads_two_operations_a_line():
     from mlx_lm import load
 
     from aropd_mlx.compare import other_writer
-    from aropd_mlx.lab.measure import _responses, dev_examples
+    from aropd_mlx.lab.measure import dev_examples, view_responses
 
     from test_lab_shipped import assert_reproduces, named_lab
 
@@ -113,5 +113,5 @@ def test_the_shipped_stronger_writer_lab_reads_two_operations_a_line():
               if len(parse_question(e.question)[1]) == 12]
     assert len(hinted) == 4 and all(len(e.solution.splitlines()) == 6 for e in hinted)
     for view, want in (("full", 4), ("student", 0)):
-        got = _responses(model, tok, hinted, views, view, 0.0, 6 * settings.k_max + 8, 0)
+        got = view_responses(model, tok, hinted, views, view, 0.0, 6 * settings.k_max + 8, 0)
         assert sum(check(e.question, r).all_steps_correct for e, r in zip(hinted, got)) == want

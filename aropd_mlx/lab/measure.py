@@ -27,8 +27,10 @@ def well_formed(response: str) -> bool:
         task.is_step_line(l) for l in lines[:-1])
 
 
-def _responses(model, tokenizer, examples, views, view: str, temperature: float,
-               max_new_tokens: int, seed: int, batch: int = 128) -> list[str]:
+def view_responses(model, tokenizer, examples, views, view: str, temperature: float,
+                   max_new_tokens: int, seed: int, batch: int = 128) -> list[str]:
+    """The decoded response (EOS dropped) to each example under one view (`render_views`'s
+    "student", "partial" or "full"), sampled at `temperature` (0: greedy) in batches."""
     eos = set(tokenizer.eos_token_ids)
     settings = RolloutSettings(group_size=1, max_new_tokens=max_new_tokens,
                                temperature=temperature, completion_batch_size=batch)
@@ -73,10 +75,10 @@ def measure_teacher(model, tokenizer, examples, views, *, max_new_tokens: int,
     """Greedy under each view, plus temperature-1 samples from the student view."""
     out = {}
     for view in ("student", "partial", "full"):
-        out[view] = rates_by_k(examples, _responses(model, tokenizer, examples, views, view,
-                                                    0.0, max_new_tokens, seed))
-    out["student_t1"] = rates_by_k(examples, _responses(model, tokenizer, examples, views,
-                                                        "student", 1.0, max_new_tokens, seed))
+        out[view] = rates_by_k(examples, view_responses(model, tokenizer, examples, views,
+                                                        view, 0.0, max_new_tokens, seed))
+    out["student_t1"] = rates_by_k(examples, view_responses(
+        model, tokenizer, examples, views, "student", 1.0, max_new_tokens, seed))
     return out
 
 

@@ -86,7 +86,7 @@ def compare_command(
     length_buckets: Optional[List[str]] = typer.Option(None, "--length-buckets", help=(
         "Token edges of response-length buckets, e.g. 64,128,192: compare.md adds tables by "
         "the length of a correct response (a long-rollout lab: AROPD_MLX_LAB=long, "
-        "=long_hindsight or =long_distrust).")),
+        "=long_hindsight, =long_distrust or =long_sheet).")),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=(
         "KEY=VALUE config override for every trained run, repeatable, e.g. "
         "--set train.learning_rate=1e-4 --set model.fine_tune_type=full.")),

@@ -307,6 +307,13 @@ NAMED_LABS["long_distrust"] = {**NAMED_LABS["long_hindsight"], "full_copy_past_c
 NAMED_LABS["stronger_writer"] = {"warm_init": "hindsight", "warm_student_steps": 0,
                                  "warm_steps": 400, "warm_hint_styles": ["oracle", "two_per_line"],
                                  "full_copy_share": 0.3, "full_copy_style": "slipped", "k_max": 13}
+# "long_sheet": the long distrust lab with the student view as a worksheet (student_sheet: every
+# step's operation read at one fixed distance) and k <= 64 (responses up to 392 tokens), by 300
+# more warm-start steps of 32 rows; its student solves k <= 56 (LAB.md, session 20)
+NAMED_LABS["long_sheet"] = {**NAMED_LABS["long_distrust"], "warm_init": "long_distrust",
+                            "student_sheet": True, "k_max": 64,
+                            "eval_ks": [8, 16, 24, 32, 40, 48, 56, 64], "n_eval_per_k": 32,
+                            "warm_steps": 300, "warm_batch": 32}
 
 
 def lab_settings_for(cfg=None) -> LabSettings:

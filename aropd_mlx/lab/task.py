@@ -208,10 +208,8 @@ def outline(question: str, with_start: bool = False) -> str:
     the question's start digit (``"7+5=.\n.*3=."``), so the outline restates the whole
     question (a worksheet: views.student_outline)."""
     start, ops = parse_question(question)
-    lines = [f".{op}{b}=." for op, b in ops]
-    if with_start:
-        lines[0] = str(start) + lines[0][1:]
-    return "\n".join(lines)
+    first = str(start) if with_start else "."
+    return "\n".join(f"{first if i == 0 else '.'}{op}{b}=." for i, (op, b) in enumerate(ops))
 
 
 def make_example(rng: random.Random, k: int, *, id: str | None = None,

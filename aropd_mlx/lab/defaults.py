@@ -314,6 +314,12 @@ NAMED_LABS["long_sheet"] = {**NAMED_LABS["long_distrust"], "warm_init": "long_di
                             "student_sheet": True, "k_max": 64,
                             "eval_ks": [8, 16, 24, 32, 40, 48, 56, 64], "n_eval_per_k": 32,
                             "warm_steps": 300, "warm_batch": 32}
+# "long_sheet_copy": the sheet lab's full view given its hindsight back (100 more steps with half of
+# the full view's rows copy rows, a view mix of .7/.15/.15): every view solves k <= 56 and the full
+# view after a late slip follows its reference (P .69; LAB.md, session 20)
+NAMED_LABS["long_sheet_copy"] = {**NAMED_LABS["long_sheet"], "warm_init": "long_sheet",
+                                 "warm_steps": 100, "full_copy_share": 0.5,
+                                 "warm_view_mix": [0.7, 0.15, 0.15]}
 
 
 def lab_settings_for(cfg=None) -> LabSettings:

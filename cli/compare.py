@@ -85,8 +85,8 @@ def compare_command(
         "SFT's own step count (e.g. the steps that match AR-OPD's wall-clock).")),
     length_buckets: Optional[List[str]] = typer.Option(None, "--length-buckets", help=(
         "Token edges of response-length buckets, e.g. 64,128,192: compare.md adds tables by "
-        "the length of a correct response (a long-rollout lab: AROPD_MLX_LAB=long, "
-        "=long_hindsight, =long_distrust or =long_sheet).")),
+        "the length of a correct response (a long-rollout lab, e.g. "
+        "AROPD_MLX_LAB=long_sheet_copy; `aropd-mlx lab show --all` lists the labs).")),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=(
         "KEY=VALUE config override for every trained run, repeatable, e.g. "
         "--set train.learning_rate=1e-4 --set model.fine_tune_type=full.")),

@@ -57,8 +57,8 @@ def doctor(no_bench: bool = typer.Option(False, "--no-bench", help="Skip the GEM
 def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again from scratch, even if cached or half built.")):
     """Install the shipped lab model and data (or build another AROPD_MLX_LAB recipe); cached.
 
-    AROPD_MLX_LAB=long, =hindsight, =long_hindsight, =long_distrust, =stronger_writer or
-    =long_sheet installs a shipped named lab instead; AROPD_MLX_LAB='{"base": "long_distrust", "warm_lr": 0.0005}'
+    AROPD_MLX_LAB=<name> installs a shipped named lab instead (`aropd-mlx lab show --all` lists
+    them: long, hindsight, long_sheet_copy, ...); AROPD_MLX_LAB='{"base": "long_distrust", "warm_lr": 0.0005}'
     builds a named lab's recipe with some settings changed (any LabSettings field).
 
     An interrupted build goes on from its last checkpoint (every 50 steps) when run again."""

@@ -4,7 +4,7 @@ import pytest
 
 from aropd_mlx.lab import shipped
 
-from test_lab_shipped import assert_reproduces, named_lab
+from test_lab_shipped import assert_reproduces, assert_slip_probe, named_lab
 
 
 def test_the_long_distrust_lab_is_the_long_hindsight_lab_with_copy_rows_past_the_cut_and_distrust_rows():
@@ -25,22 +25,8 @@ def test_the_shipped_long_distrust_lab_reproduces_its_numbers_and_both_slip_prob
     the slip probe on dev problems (4 per k): after a slip past the cut the full view asks for
     the reference's result and the anchor for the response's; after a slip inside the anchor's
     half the anchor still goes on from the written value (the long hindsight lab's copies it)."""
-    from mlx_lm import load
-
-    from aropd_mlx.lab.hindsight import hindsight
-    from aropd_mlx.lab.measure import dev_examples
-
     folder, settings, views = named_lab("long_distrust")
     assert_reproduces(folder, settings, views, (5, 30), names=("student", "partial"))
-    model, tok = load(str(folder))
-    measured = shipped.manifest(folder)["measured"]
-    examples = dev_examples(settings, 4)
-    late = hindsight(model, tok, examples, views)
-    early = hindsight(model, tok, examples, views, slip="early")
-    for got, key in ((late, "hindsight"), (early, "hindsight_early")):
-        for view in ("partial", "full"):
-            want = measured[key][view]["next_result"]["oracle"]
-            assert abs(got[view]["next_result"]["oracle"] - want) < 0.15, (key, view)
-    assert late["full"]["next_result"]["oracle"] > 0.5 > 0.1 > late["partial"]["next_result"]["oracle"]
-    partial_early = early["partial"]["next_result"]
+    assert_slip_probe(folder, settings, views, 4, 0.15)
+    partial_early = assert_slip_probe(folder, settings, views, 4, 0.15, slip="early")["partial"]["next_result"]
     assert partial_early["consistent"] > 0.5 > partial_early["oracle"]

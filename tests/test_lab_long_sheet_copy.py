@@ -4,7 +4,7 @@ import pytest
 
 from aropd_mlx.lab import shipped
 
-from test_lab_shipped import assert_reproduces, named_lab
+from test_lab_shipped import assert_reproduces, assert_slip_probe, named_lab
 
 
 def test_the_long_sheet_copy_lab_is_the_sheet_lab_with_more_copy_rows():
@@ -27,18 +27,7 @@ def test_the_shipped_long_sheet_copy_lab_reproduces_its_views_and_the_full_views
     """Its student and full view, greedy on held-out problems at a short k and at k = 56
     (344-token responses), and the late-slip probe on dev problems (2 per k): the full view asks
     for its reference's result, the anchor for the response's."""
-    from mlx_lm import load
-
-    from aropd_mlx.lab.hindsight import hindsight
-    from aropd_mlx.lab.measure import dev_examples
-
     folder, settings, views = named_lab("long_sheet_copy")
     assert views.student_outline
     assert_reproduces(folder, settings, views, (8, 56), names=("student", "full"))
-    model, tok = load(str(folder))
-    want = shipped.manifest(folder)["measured"]["hindsight"]
-    late = hindsight(model, tok, dev_examples(settings, 2), views)
-    for view in ("partial", "full"):
-        got = late[view]["next_result"]["oracle"]
-        assert abs(got - want[view]["next_result"]["oracle"]) < 0.2, view
-    assert late["full"]["next_result"]["oracle"] > 0.5 > 0.1 > late["partial"]["next_result"]["oracle"]
+    assert_slip_probe(folder, settings, views, 2, 0.2)

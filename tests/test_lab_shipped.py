@@ -228,6 +228,26 @@ def assert_reproduces(folder, settings, views, ks, names=("student", "full")) ->
             assert abs(got["by_k"][k]["all_steps_correct"] - want) <= 0.05, (view, k)
 
 
+
+def assert_slip_probe(folder, settings, views, n_per_k: int, tolerance: float, slip="late"):
+    """The slip probe of the shipped model in `folder` on dev problems: each view's P(reference's
+    result) within `tolerance` of its recorded number; returns the probe for further checks. After
+    a late slip the full view must ask for the reference's result and the anchor must not."""
+    from mlx_lm import load
+
+    from aropd_mlx.lab.hindsight import hindsight
+    from aropd_mlx.lab.measure import dev_examples
+
+    model, tok = load(str(folder))
+    key = "hindsight" if slip == "late" else "hindsight_early"
+    want = shipped.manifest(folder)["measured"][key]
+    got = hindsight(model, tok, dev_examples(settings, n_per_k), views, slip=slip)
+    for view in ("partial", "full"):
+        assert abs(got[view]["next_result"]["oracle"] - want[view]["next_result"]["oracle"]) < tolerance, (key, view)
+    if slip == "late":
+        assert got["full"]["next_result"]["oracle"] > 0.5 > 0.1 > got["partial"]["next_result"]["oracle"]
+    return got
+
 @pytest.mark.skipif(shipped.manifest() is None, reason="no lab model shipped in this checkout")
 def test_the_shipped_lab_model_is_whole_loads_and_reproduces_its_numbers():
     """The default lab's model: `aropd-mlx train` starts from it."""

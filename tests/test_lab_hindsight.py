@@ -12,7 +12,8 @@ from aropd_mlx.lab.tiny import TinySpec, build_tiny_model
 from aropd_mlx.views import partial_reference
 
 from helpers import lab_examples
-from test_lab_shipped import SMALL, assert_reproduces, assert_slip_probe, named_lab
+from shipped_checks import assert_reproduces, assert_slip_probe, named_lab
+from test_lab_shipped import SMALL
 
 
 def test_a_slipped_trace_is_wrong_at_its_slip_and_valid_after_it():

@@ -4,7 +4,7 @@ import pytest
 
 from aropd_mlx.lab import shipped
 
-from test_lab_shipped import assert_reproduces, assert_slip_probe, named_lab
+from shipped_checks import assert_reproduces, assert_slip_probe, named_lab
 
 
 def test_the_long_distrust_lab_is_the_long_hindsight_lab_with_copy_rows_past_the_cut_and_distrust_rows():

@@ -4,7 +4,7 @@ import pytest
 
 from aropd_mlx.lab import shipped
 
-from test_lab_shipped import assert_reproduces, named_lab
+from shipped_checks import assert_reproduces, named_lab
 
 
 def test_the_long_sheet_lab_is_the_long_distrust_lab_with_a_student_sheet_and_k_to_64():

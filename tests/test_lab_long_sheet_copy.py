@@ -4,7 +4,7 @@ import pytest
 
 from aropd_mlx.lab import shipped
 
-from test_lab_shipped import assert_reproduces, assert_slip_probe, named_lab
+from shipped_checks import assert_reproduces, assert_slip_probe, named_lab
 
 
 def test_the_long_sheet_copy_lab_is_the_sheet_lab_with_more_copy_rows():

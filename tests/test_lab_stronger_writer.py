@@ -103,7 +103,7 @@ def test_the_shipped_stronger_writer_lab_reads_two_operations_a_line():
     from aropd_mlx.compare import other_writer
     from aropd_mlx.lab.measure import dev_examples, view_responses
 
-    from test_lab_shipped import assert_reproduces, named_lab
+    from shipped_checks import assert_reproduces, named_lab
 
     folder, settings, views = named_lab("stronger_writer")
     assert settings.warm_init == "hindsight" and settings.k_max == 13

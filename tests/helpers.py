@@ -33,3 +33,15 @@ def float32_tolerance(*sum_lengths: int, magnitude: float = 1.0, safety: float =
     (The classical bound on a recursive sum is n * eps * sum |x_i|; blocked and pairwise sums
     do far better, so this is loose for real bugs' O(1e-2..1) errors but never flaky.)"""
     return safety * F32_EPS * max(sum(sum_lengths), 1) * max(magnitude, 1.0)
+
+
+def last_error(result, *needles):
+    """A failure after training started: info lines may precede it, one error line, last."""
+    text = result.stdout + result.stderr
+    assert "Traceback" not in text and result.exit_code == 2, text
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("aropd-mlx: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

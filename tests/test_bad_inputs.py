@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 from aropd_mlx.checkpoint import list_checkpoints, load_checkpoint
 from aropd_mlx.cli.main import app
 
+from helpers import last_error
+
 GOOD = [{"id": f"g{i}", "question": f"Q:{i}+1", "solution": f"{i}+1={i + 1}", "answer": str(i + 1)}
         for i in range(8)]
 G = json.dumps(GOOD[0])
@@ -93,18 +95,6 @@ def one_error(result, *needles, out=None):
     if out is not None:
         assert not Path(out).exists(), sorted(p.name for p in Path(out).rglob("*"))
     return lines[0]
-
-
-def last_error(result, *needles):
-    """A failure after training started: info lines may precede it, one error line, last."""
-    text = result.stdout + result.stderr
-    assert "Traceback" not in text and result.exit_code == 2, text
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("aropd-mlx: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 # ------------------------------------------------------------------------------------ data

@@ -239,3 +239,15 @@ def test_bench_memory_prints_planned_beside_measured(tiny_qwen2):
         assert 1 / 3 < r["measured"][phase] / r["predicted"][phase] < 3, (phase, r)
     (row,) = res["table"]
     assert row["benchmark"] == "memory" and row["result"].endswith("x")
+
+
+def test_every_benchmark_resolves_to_its_functions():
+    """Each name `aropd-mlx bench` accepts finds a bench function and a formatter (the table
+    of module and function names would otherwise fail only when that bench is run)."""
+    from aropd_mlx.bench.suite import BENCHMARKS, RUNNERS, _runner
+
+    assert set(RUNNERS) == set(BENCHMARKS) - {"objective"}
+    for bench in BENCHMARKS:
+        run, fmt = _runner(bench)
+        assert callable(run) and callable(fmt), bench
+        assert run.__name__.startswith("bench_") or bench == "objective", (bench, run)

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from aropd_mlx.cli.main import app
 from aropd_mlx.errors import UserError
 
+from helpers import last_error
+
 # A tiny lab, should anything try to build one (the CLI's eval did, for any --adapter).
 TINY_LAB = {"n_train": 16, "k_max": 2, "eval_ks": [2], "n_eval_per_k": 2, "warm_steps": 1,
             "warm_batch": 4, "spec": {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1,
@@ -52,17 +54,6 @@ def ok(result):
     return result
 
 
-def one_error(result, *needles) -> str:
-    text = result.stdout + result.stderr
-    assert "Traceback" not in text and result.exit_code == 2, text
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("aropd-mlx: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
-
 def with_steps(args, steps):
     i = args.index("--steps")
     return args[:i + 1] + [str(steps)] + args[i + 2:]
@@ -96,7 +87,7 @@ def test_resume_refuses_only_values_that_differ_and_names_them(ws):
     ok(train(*ws["base"]))
     before = snapshot(ws["out"])
     (ws["tmp"] / "run.yaml").write_text("rollout:\n  temperature: 0.5\n")
-    line = one_error(train("-c", "run.yaml", *ws["base"], "--lam", "0.3", "--resume"),
+    line = last_error(train("-c", "run.yaml", *ws["base"], "--lam", "0.3", "--resume"),
                      "only --steps may change", "objective.lam (--lam): saved 0.8, given 0.3",
                      "rollout.temperature: saved 1.0, given 0.5", "--overwrite")
     assert "data.train" not in line and "model.path" not in line  # equal: not named
@@ -109,7 +100,7 @@ def test_a_new_run_into_an_existing_run_is_refused(ws):
     before = snapshot(ws["out"])
     held_out = ["--eval-data", ws["tmp"] / "heldout.jsonl"]
     args = [a for a in ws["base"] if a != "--no-eval"] + held_out  # no eval_before.json either
-    one_error(train(*args), str(ws["out"]), "already holds a run",
+    last_error(train(*args), str(ws["out"]), "already holds a run",
               "use --resume to continue it, --overwrite to replace it")
     assert snapshot(ws["out"]) == before
 
@@ -125,7 +116,7 @@ def test_a_second_run_on_a_locked_directory_fails_at_once(ws, tiny_llama):
     fd = _hold_lock(ws["out"])
     try:
         t0 = time.monotonic()
-        one_error(train(*ws["base"]), str(ws["out"]), "another run holds its lock")
+        last_error(train(*ws["base"]), str(ws["out"]), "another run holds its lock")
         assert time.monotonic() - t0 < 10
         # past the CLI's early check (two runs started together): the trainer's own lock
         from helpers import lab_examples, tiny_config
@@ -211,7 +202,7 @@ def test_overwrite_refuses_a_directory_with_other_files(ws):
     ok(train(*ws["base"]))
     (ws["out"] / "notes.txt").write_text("mine")
     before = snapshot(ws["out"])
-    one_error(train(*ws["base"], "--overwrite"), "notes.txt", "another --out")
+    last_error(train(*ws["base"], "--overwrite"), "notes.txt", "another --out")
     assert snapshot(ws["out"]) == before
 
 
@@ -235,9 +226,9 @@ def test_eval_without_held_out_data_is_one_line(ws, monkeypatch):
     monkeypatch.setenv("AROPD_MLX_CACHE", str(ws["tmp"] / "cache"))
     monkeypatch.setenv("AROPD_MLX_LAB", json.dumps(TINY_LAB))
     ok(train(*ws["base"]))
-    one_error(cli("eval", "--adapter", ws["out"]), "--data", "no data.eval")
-    one_error(cli("eval", "--model", ws["model"]), "--data")
+    last_error(cli("eval", "--adapter", ws["out"]), "--data", "no data.eval")
+    last_error(cli("eval", "--model", ws["model"]), "--data")
     bare = ws["tmp"] / "bare"
     bare.mkdir()
-    one_error(cli("eval", "--adapter", bare), "no config.yaml", "--model")
+    last_error(cli("eval", "--adapter", bare), "no config.yaml", "--model")
     assert not (ws["tmp"] / "cache").exists()

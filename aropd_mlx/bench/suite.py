@@ -145,28 +145,25 @@ def goal_rows(bench: str, r: dict) -> list[dict]:
     return rows
 
 
+# bench name -> (module under aropd_mlx.bench, its bench function, its formatter)
+RUNNERS = {
+    "rollout": ("rollout", "bench_rollout", "format_rollout"),
+    "scoring": ("step", "bench_step", "format_step"),
+    "step": ("step", "bench_mfu", "format_mfu"),
+    "peer": ("peer", "bench_peer", "format_peer"),
+    "creep": ("creep", "bench_creep", "format_creep"),
+    "memory": ("memory", "bench_memory", "format_memory"),
+    "plan-cost": ("plan_cost", "bench_plan_cost", "format_plan_cost"),
+}
+
+
 def _runner(bench: str) -> tuple[Callable, Callable]:
-    if bench == "rollout":
-        from aropd_mlx.bench.rollout import bench_rollout, format_rollout
-        return bench_rollout, format_rollout
-    if bench == "scoring":
-        from aropd_mlx.bench.step import bench_step, format_step
-        return bench_step, format_step
-    if bench == "step":
-        from aropd_mlx.bench.step import bench_mfu, format_mfu
-        return bench_mfu, format_mfu
-    if bench == "peer":
-        from aropd_mlx.bench.peer import bench_peer, format_peer
-        return bench_peer, format_peer
-    if bench == "creep":
-        from aropd_mlx.bench.creep import bench_creep, format_creep
-        return bench_creep, format_creep
-    if bench == "memory":
-        from aropd_mlx.bench.memory import bench_memory, format_memory
-        return bench_memory, format_memory
-    if bench == "plan-cost":
-        from aropd_mlx.bench.plan_cost import bench_plan_cost, format_plan_cost
-        return bench_plan_cost, format_plan_cost
+    if bench in RUNNERS:
+        import importlib
+
+        module, run, fmt = RUNNERS[bench]
+        found = importlib.import_module(f"aropd_mlx.bench.{module}")
+        return getattr(found, run), getattr(found, fmt)
     try:
         from aropd_mlx.bench.objective import bench_objective, format_objective_bench
     except ImportError as e:

@@ -160,20 +160,53 @@ def hidden_states(model: nn.Module, inputs: mx.array) -> mx.array:
 
 
 _CHECKPOINTED: dict[type, type] = {}
+_DROPOUT_KEYS: dict[int, mx.array] = {}  # id(an nn.Dropout) -> its key, inside a checkpointed layer
+
+
+class _KeyedDropout(nn.Dropout):
+    """nn.Dropout whose mask comes from the key a checkpointed layer gave it: the backward's
+    recomputation of the layer draws the very mask its forward drew (from the global generator
+    it would draw another one, and the gradient would belong to no loss)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        mask = mx.random.bernoulli(self._p_1, x.shape, key=_DROPOUT_KEYS[id(self)])
+        return (mask * x) * (1 / self._p_1)
+
+
+@contextmanager
+def _keyed_dropouts(drops: list, keys: mx.array):
+    for drop, key in zip(drops, keys):
+        drop.__class__, _DROPOUT_KEYS[id(drop)] = _KeyedDropout, key
+    try:
+        yield
+    finally:
+        for drop in drops:
+            drop.__class__ = nn.Dropout
+            _DROPOUT_KEYS.pop(id(drop), None)
 
 
 def _checkpointed_class(cls: type) -> type:
     """A subclass of a layer class whose __call__ runs under mx.checkpoint: the backward
     recomputes the layer's activations from its input instead of keeping them (mlx-lm's
     tuner.trainer.grad_checkpoint does the same by patching the class itself, which would
-    reach every instance in the process: the teacher, other models)."""
+    reach every instance in the process: the teacher, other models). Dropout in the layer
+    (model.lora_dropout, in training) draws its masks from keys drawn once per call, outside
+    the recomputed function, so the recomputation repeats them."""
     if cls not in _CHECKPOINTED:
         call = cls.__call__
 
         def __call__(self, *args, **kwargs):
+            drops = [m for _, m in self.named_modules()
+                     if type(m) is nn.Dropout and m.training and m._p_1 < 1]
+            keys = []  # a key is two uint32 words; drawn from the global generator
+            if drops:
+                base = mx.random.randint(0, 1 << 30, (2,)).astype(mx.uint32)
+                keys = mx.random.split(base, len(drops))
+
             def inner(params, *args, **kwargs):
                 self.update(params)
-                return call(self, *args, **kwargs)
+                with _keyed_dropouts(drops, keys):
+                    return call(self, *args, **kwargs)
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 

@@ -67,3 +67,37 @@ def test_checkpointing_touches_these_instances_only(tiny_llama):
     assert all(type(layer) is cls for layer in student.layers)  # restored on exit
     with checkpointed_layers(student, enabled=False):
         assert type(student.layers[0]) is cls
+
+
+def test_checkpointed_layers_recompute_the_dropout_masks_their_forward_drew(tiny_llama, monkeypatch):
+    """LoRA dropout under checkpointing: the backward recomputes each layer; its masks must be
+    the forward's, or the gradient belongs to no loss (measured before the fix: 340% off). The
+    reference is the same keyed masks with the recomputation turned off (mx.checkpoint as the
+    identity), at one seed."""
+    import aropd_mlx.models as models
+
+    model, _ = load(str(tiny_llama))
+    attach_adapters(model, ModelSettings(lora_rank=4, lora_dropout=0.3), seed=0)
+    mx.random.seed(1)
+    model.update(tree_map(lambda v: v + 0.1 * mx.random.normal(v.shape),
+                          model.trainable_parameters()))
+
+    def run(train: bool):
+        model.train(train)
+        mx.random.seed(7)
+        try:
+            return _grads(model, True)
+        finally:
+            model.eval()
+
+    loss_eval, _ = run(False)
+    loss, ckpt = run(True)
+    assert abs(loss - loss_eval) > 1e-3  # dropout is on the path
+    drops = [m for _, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(type(m) is nn.Dropout for m in drops) and not models._DROPOUT_KEYS
+    monkeypatch.setattr(models.mx, "checkpoint", lambda fn: fn)
+    loss_ref, ref = run(True)
+    assert loss == loss_ref  # the same masks
+    for k, v in ref.items():
+        tol = float32_tolerance(64, 128, 99, 16, magnitude=float(np.abs(v).max()))
+        np.testing.assert_allclose(ckpt[k], v, rtol=0, atol=tol, err_msg=k)

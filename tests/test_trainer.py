@@ -75,10 +75,11 @@ def test_adapters_load_in_mlx_lm_and_generate(tiny_llama, tmp_path):
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("teacher", ["frozen", "ema"])
-def test_resume_is_bit_identical(teacher, tiny_llama, tmp_path):
+@pytest.mark.parametrize("teacher,checkpoint", [("frozen", False), ("ema", False), ("frozen", True)])
+def test_resume_is_bit_identical(teacher, checkpoint, tiny_llama, tmp_path):
+    """With LoRA dropout on; with checkpointed layers too (their dropout keys)."""
     over = {"train.steps": 4, "train.save_every": 2, "model.teacher": teacher,
-            "model.lora_dropout": 0.1}
+            "model.lora_dropout": 0.1, "train.grad_checkpoint": checkpoint}
     _, full_model, _, _, _ = _run(tiny_llama, tmp_path / "full", **over)
     cfg = tiny_config(tiny_llama, tmp_path / "cut", **over)
     model, tok = load_student(cfg.model)

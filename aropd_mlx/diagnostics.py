@@ -89,9 +89,10 @@ class DiagnosticsAccumulator:
         self.counts: dict[str, np.ndarray] = {}
         self.steps = 0
 
-    def add(self, diagnostics: dict, mask) -> None:
+    def add(self, diagnostics: dict, mask, new_step: bool = True) -> None:
         """Add one batch: diagnostics name -> (B, T) values (mx or numpy arrays), mask (B, T)
-        1 on response tokens. Positions outside the mask are ignored."""
+        1 on response tokens. Positions outside the mask are ignored. `new_step` False: a
+        further micro-batch of the step already counted in `steps`."""
         cell, valid = cell_index(np.asarray(mask))
         idx = cell[valid]
         size = self.shape[0] * self.shape[1]
@@ -100,7 +101,7 @@ class DiagnosticsAccumulator:
             for table, w in ((self.sums, v), (self.sumsq, v * v), (self.counts, None)):
                 add = np.bincount(idx, weights=w, minlength=size).reshape(self.shape)
                 table[name] = table.get(name, np.zeros(self.shape)) + add
-        self.steps += 1
+        self.steps += int(new_step)
 
     def merge(self, other: "DiagnosticsAccumulator") -> "DiagnosticsAccumulator":
         """A new accumulator holding both (the same as adding every batch to one)."""

@@ -171,7 +171,7 @@ def accumulate(cfg, model, scored: Scored, settings: ObjectiveSettings, *,
         sums = {k: (v * m).sum() for k, v in out.diagnostics.items()}
         mx.eval(grads, loss, sums, out.diagnostics)
         if tracker is not None and diagnostics:  # per-token signals by position and length
-            tracker.add(out.diagnostics, resp.mask[sl])
+            tracker.add(out.diagnostics, resp.mask[sl], new_step=sl.start == 0)
         for k, v in sums.items():
             diag_sums[k] = diag_sums.get(k, 0.0) + v.item()
         n_tokens += float(m.sum().item())

@@ -81,13 +81,16 @@ def test_run_diagnostics_save_and_resume(tmp_path):
     assert load_diagnostics(tmp_path / "nowhere") is None
 
 
-def test_training_writes_diagnostics(tiny_llama, tmp_path):
+@pytest.mark.parametrize("micro", [None, 3])
+def test_training_writes_diagnostics(micro, tiny_llama, tmp_path):
+    """`steps` counts optimizer steps, whatever micro-batches a step is cut into."""
     from helpers import lab_examples, tiny_config
 
     from aropd_mlx.models import Teacher, load_student
     from aropd_mlx.trainer import train
 
-    cfg = tiny_config(tiny_llama, tmp_path / "run", **{"train.method": "ar-opd", "train.steps": 2})
+    cfg = tiny_config(tiny_llama, tmp_path / "run", **{"train.method": "ar-opd", "train.steps": 2,
+                                                         "train.micro_batch_size": micro})
     model, tok = load_student(cfg.model)
     train(cfg, model, tok, lab_examples(8), teacher=Teacher.create(model, tok, cfg.model))
     data = load_diagnostics(tmp_path / "run")

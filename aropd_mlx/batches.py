@@ -32,13 +32,23 @@ class PromptEncoder:
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.cache: dict[Example, Encoded | None] = {}  # keyed by value: ids may repeat
+        self.drawn_skipped: set[Example] = set()  # drawn by a step and too long: never trained on
         method = cfg.train.method
         self.views = {"sft": ("student", "partial", "full") if any(cfg.train.sft_view_mix[1:])
                       else ("student",), "opd": ("student",)}.get(method, ("student",) + METHOD_VIEWS[method])
 
     @property
     def skipped(self) -> int:
-        return sum(v is None for v in self.cache.values())
+        """How many distinct prompts the steps drew and skipped (the memory plan's sample of
+        the data, encoded too, counts only where a step drew it)."""
+        return len(self.drawn_skipped)
+
+    def draw(self, ex: Example) -> Encoded | None:
+        """A step's draw of `ex`: its encoding, None (and counted) when it is too long."""
+        enc = self(ex)
+        if enc is None:
+            self.drawn_skipped.add(ex)
+        return enc
 
     def __call__(self, ex: Example) -> Encoded | None:
         if ex not in self.cache:
@@ -72,10 +82,10 @@ def draw_batch(cfg: RunConfig, examples: list[Example], encoder: PromptEncoder,
     if n == 0:
         raise UserError(f"no examples to train on ({cfg.data.train})")
     start = step * t.batch_size
-    batch = [e for e in map(encoder, batch_at(examples, t.batch_size, start, t.seed)) if e is not None]
+    batch = [e for e in map(encoder.draw, batch_at(examples, t.batch_size, start, t.seed)) if e is not None]
     position = start + t.batch_size
     while len(batch) < min_size and position < start + t.batch_size + 2 * n:  # 2n positions cover an epoch
-        batch += [e for e in map(encoder, batch_at(examples, 1, position, t.seed)) if e is not None]
+        batch += [e for e in map(encoder.draw, batch_at(examples, 1, position, t.seed)) if e is not None]
         position += 1
     if not batch:
         raise UserError(f"all {n} prompts of {cfg.data.train} are longer than data.max_prompt_tokens="

@@ -364,6 +364,8 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     state = restore(run_dir, model, optimizer, teacher, world) if resume else LoopState()
+    for done in range(1, state.step):  # the steps before a resume: what they drew and skipped
+        draw_batch(cfg, examples, encoder, done, world.size)
     tracker = RunDiagnostics.resume(run_dir, state.step) if world.is_main else None
     tracking = tracking or Tracking(cfg, resume=resume)
     if world.is_main and not run.staged:  # staged (--overwrite): from its first checkpoint on

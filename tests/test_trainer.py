@@ -216,3 +216,23 @@ def test_full_fine_tune_trains_every_weight_the_untied_head_included(tiny_llama,
     changed = {k for k, v in trainable(model).items() if not np.array_equal(before[k], np.array(v))}
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
     assert len(changed) == len(before)
+
+
+def test_a_resumed_run_counts_the_prompts_every_step_skipped(tiny_llama, tmp_path):
+    """summary.json's skipped_prompts after a resume: the count of the uninterrupted run (the
+    resumed process redraws the steps before its checkpoint), not only its own steps'."""
+    # prompts of 35-73 tokens here, 45 skips about half; more examples than the memory plan's
+    # sample of 256 (which encodes, and counts, its own in either process)
+    examples = lab_examples(600, 1, 8)
+    over = {"train.steps": 4, "train.save_every": 2, "data.max_prompt_tokens": 45}
+
+    def run(out, **kw):
+        cfg = tiny_config(tiny_llama, tmp_path / out, **over)
+        model, tok = load_student(cfg.model)
+        return train(cfg, model, tok, examples, teacher=Teacher.create(model, tok, cfg.model), **kw)
+
+    whole = run("full")
+    run("cut", stop_after=2)
+    resumed = run("cut", resume=True)
+    assert whole["steps_done"] == resumed["steps_done"] == 4
+    assert resumed["skipped_prompts"] == whole["skipped_prompts"] > 0

@@ -157,14 +157,15 @@ def normalize(answer: str) -> str:
 
 
 def _rational(a: str) -> Fraction | None:
-    m = re.fullmatch(r"\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(-?\d+(?:\.\d+)?)\)?)?", a)
+    """'3', '-0.5', '1/2', '(-1)/(2)', '-(1)/(2)' (a negated \\frac): the number, else None."""
+    m = re.fullmatch(r"(-(?=\())?\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(-?\d+(?:\.\d+)?)\)?)?", a)
     if m is None:
         return None
-    num = Fraction(m.group(1))
-    if m.group(2) is None:
-        return num
-    den = Fraction(m.group(2))
-    return num / den if den != 0 else None
+    sign, num = (-1 if m.group(1) else 1), Fraction(m.group(2))
+    if m.group(3) is None:
+        return sign * num
+    den = Fraction(m.group(3))
+    return sign * num / den if den != 0 else None
 
 
 def _math_verify():

@@ -57,12 +57,14 @@ def test_boxed_contents_depth():
     ("1,234", "1234"), ("$5$", "5"), ("x = 5", "5"), ("(1,2)", "(1, 2)"), (r"50\%", "50"),
     (r"\text{Paris}", "paris"), ("5.", "5"), (r"90^\circ", "90"), ("−3", "-3"),
     (r"\left( 1, 2 \right)", "(1,2)"), (r"\boxed{4}", "4"),
+    (r"-\frac{1}{2}", "-0.5"), (r"-\frac12", "-1/2"), (r"\frac{-1}{2}", r"-\dfrac{1}{2}"),
 ])
 def test_equivalent_answers(a, b):
     assert answers_match(a, b) and answers_match(b, a)
 
 
-@pytest.mark.parametrize("a,b", [("1,2", "12"), ("1/3", "0.33"), ("2", "-2"), ("x", "y"), (None, "1")])
+@pytest.mark.parametrize("a,b", [("1,2", "12"), ("1/3", "0.33"), ("2", "-2"), ("x", "y"), (None, "1"),
+                                 (r"-\frac{1}{2}", "0.5"), ("--3", "3")])
 def test_different_answers(a, b):
     assert not answers_match(a, b)
 

@@ -246,6 +246,16 @@ def _pooled(run: dict, ks: list[str], metric: str) -> float | None:
     return sum(w * c[metric] for w, c in zip(weights, cells)) / sum(weights)
 
 
+def reference_of(variants: list[Variant], v: Variant, ref: str) -> Variant | None:
+    """The variant that `v`'s deltas against method `ref` pair with: the only one of that
+    method, or in a partial-ratio sweep the one at v's ratio (AR-OPD ρ=0.3 against Partial OPD
+    ρ=0.3); none for v's own method."""
+    found = [u for u in variants if u.method == ref and ref != v.method]
+    if len(found) > 1:
+        found = [u for u in found if u.partial_ratio == v.partial_ratio]
+    return found[0] if len(found) == 1 else None
+
+
 def aggregate(variants: list[Variant], results: dict[str, list[dict]],
               length_buckets: dict[str, list[str]] | None = None) -> list[dict]:
     """Per variant: each metric's mean and 95% interval over seeds, the same by k (and by
@@ -255,6 +265,8 @@ def aggregate(variants: list[Variant], results: dict[str, list[dict]],
     rows = []
     for v in variants:
         runs = by_name[v.name]
+        refs = {ref: by_name[u.name] for ref in REFERENCES
+                if (u := reference_of(variants, v, ref)) is not None}
         row = {"name": v.name, "method": v.method, "lam": v.lam, "partial_ratio": v.partial_ratio,
                "seeds": sorted(runs), "stats": {}, "deltas": {}}
         for m in METRICS:
@@ -268,14 +280,13 @@ def aggregate(variants: list[Variant], results: dict[str, list[dict]],
                                    for m in GROUP_METRICS} for g, gks in groups.items()}
             row["deltas_" + field_name] = {ref: {g: {m: paired_deltas(
                 {s: _pooled(r, gks, m) for s, r in runs.items()},
-                {s: _pooled(r, gks, m) for s, r in by_name[ref].items()})
+                {s: _pooled(r, gks, m) for s, r in ref_runs.items()})
                 for m in ("all_steps_correct_rate", "shortcut_rate")} for g, gks in groups.items()}
-                for ref in REFERENCES if ref in by_name and ref != v.name}
-        for ref in REFERENCES:
-            if ref in by_name and ref != v.name:
-                row["deltas"][ref] = {m: paired_deltas(
-                    {s: r["metrics"][m] for s, r in runs.items()},
-                    {s: r["metrics"][m] for s, r in by_name[ref].items()}) for m in METRICS}
+                for ref, ref_runs in refs.items()}
+        for ref, ref_runs in refs.items():
+            row["deltas"][ref] = {m: paired_deltas(
+                {s: r["metrics"][m] for s, r in runs.items()},
+                {s: r["metrics"][m] for s, r in ref_runs.items()}) for m in METRICS}
         row["train_seconds_mean"] = mean_ci([r["train_seconds"] for r in runs.values()])["mean"]
         rows.append(row)
     return rows

@@ -345,3 +345,30 @@ def test_cli_compare_set_overrides_are_checked_at_once():
         res = CliRunner().invoke(app, ["compare", *args])
         assert res.exit_code == 2 and said in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_a_partial_ratio_sweep_pairs_each_ar_opd_with_partial_opd_at_its_ratio():
+    """--partial-ratios 0.3,0.5: the variants are named by ratio, and AR-OPD at each ratio is
+    read against Partial OPD at the same ratio (hand-computed), not dropped; a Partial OPD row
+    has no delta against its own method; a lone reference (full-opd) pairs with every row."""
+    from aropd_mlx.compare import CompareSettings, aggregate, plan, reference_of
+
+    def run(seed, rate):
+        return {"seed": seed, "train_seconds": 1.0, "eval": {},
+                "metrics": {m: rate for m in ("accuracy", "all_steps_correct_rate", "long_accuracy",
+                                              "long_all_steps_correct_rate", "shortcut_rate")}}
+
+    variants = plan(CompareSettings(methods=("full-opd", "partial-opd", "ar-opd"),
+                                    partial_ratios=(0.3, 0.5)))
+    names = [v.name for v in variants]
+    assert names == ["full-opd", "partial-opd ρ=0.3", "partial-opd ρ=0.5", "ar-opd ρ=0.3", "ar-opd ρ=0.5"]
+    rates = dict(zip(names, (0.1, 0.2, 0.4, 0.5, 0.6)))
+    rows = {r["name"]: r for r in aggregate(variants, {n: [run(0, x), run(1, x)]
+                                                       for n, x in rates.items()})}
+    for ratio, want in ((0.3, 0.5 - 0.2), (0.5, 0.6 - 0.4)):
+        d = rows[f"ar-opd ρ={ratio:g}"]["deltas"]["partial-opd"]["accuracy"]
+        assert d["mean"] == pytest.approx(want) and d["n"] == 2
+        assert rows[f"ar-opd ρ={ratio:g}"]["deltas"]["full-opd"]["accuracy"]["mean"] == \
+            pytest.approx(rates[f"ar-opd ρ={ratio:g}"] - 0.1)
+    assert "partial-opd" not in rows["partial-opd ρ=0.3"]["deltas"]
+    assert reference_of(variants, variants[0], "partial-opd") is None  # full-opd: no ratio to match

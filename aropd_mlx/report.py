@@ -360,6 +360,12 @@ def _reading(variants: list[dict]) -> list[str]:
     return lines
 
 
+def _sampling_example(n) -> str:
+    """The binomial half-width at p = 0.5 for this held-out set's size (192 when unknown)."""
+    n = n if isinstance(n, int) and n > 0 else 192
+    return f"±{1.96 * (0.25 / n) ** 0.5:.3f} at p = 0.5, n = {n}"
+
+
 def compare_markdown(comp: dict) -> str:
     """compare.md: the settings, a results table (mean ± 95% CI), per-k tables, deltas."""
     s, lab = comp["settings"], comp.get("lab", {})
@@ -377,7 +383,7 @@ def compare_markdown(comp: dict) -> str:
             f"Deltas are paired by seed: mean [95% interval]. 'long-k' = {long}.\n",
             "The intervals cover seed-to-seed noise on this fixed held-out set only; as a "
             "claim about the task, an accuracy p on n problems carries another "
-            "±1.96·sqrt(p(1−p)/n) of sampling noise (±0.07 at p = 0.5, n = 192).\n"]
+            "±1.96·sqrt(p(1−p)/n) of sampling noise (" + _sampling_example(lab.get("n_eval")) + ").\n"]
     if s.get("setting", "clean") != "clean":
         head.append(f"Setting: **{s['setting']}**: the privileged references (and SFT's "
                     "targets) are another writer's traces, not the oracle's; the checker accepts "

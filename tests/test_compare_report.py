@@ -372,3 +372,11 @@ def test_a_partial_ratio_sweep_pairs_each_ar_opd_with_partial_opd_at_its_ratio()
             pytest.approx(rates[f"ar-opd ρ={ratio:g}"] - 0.1)
     assert "partial-opd" not in rows["partial-opd ρ=0.3"]["deltas"]
     assert reference_of(variants, variants[0], "partial-opd") is None  # full-opd: no ratio to match
+
+
+def test_compare_md_states_the_sampling_noise_of_its_own_held_out_set():
+    from aropd_mlx.report import compare_markdown
+
+    md = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {"n_eval": 256},
+                           "variants": []})
+    assert f"±{1.96 * 0.5 / 16:.3f} at p = 0.5, n = 256" in md  # sqrt(.25 / 256) = .5 / 16

@@ -163,13 +163,17 @@ def _save(fig, path: Path) -> Path:
 
 def _accuracy_table(groups: dict, compares: list[dict], metric: str, by: str) -> dict:
     """{label: {group: (mean, half_width or None)}} of a metric by k or by length: compare.json
-    intervals where present, else the runs' evaluations (after, and before when logged)."""
+    intervals where present, else the runs' evaluations (after, and before when logged). By
+    length, a compare's own buckets (--length-buckets: the length of a correct response) are
+    not mixed with the runs' (the length of the response given)."""
     table: dict[str, dict] = {}
     for comp in compares:
         for v in comp["variants"]:
-            if by == "by_k" and v.get("by_k"):
+            if v.get(by):
                 table[v["name"]] = {g: (c[metric]["mean"], c[metric]["half_width"])
-                                    for g, c in v["by_k"].items() if c[metric]["mean"] is not None}
+                                    for g, c in v[by].items() if c[metric]["mean"] is not None}
+    if by == "by_length" and table:
+        return {k: v for k, v in table.items() if v}
     for label, runs in groups.items():
         for when, name in (("eval_before", label + BEFORE), ("eval_after", label)):
             if name in table:
@@ -183,6 +187,16 @@ def _accuracy_table(groups: dict, compares: list[dict], metric: str, by: str) ->
                 cis = {g: mean_ci(v) for g, v in rows.items()}
                 table[name] = {g: (ci["mean"], ci["half_width"]) for g, ci in cis.items()}
     return {k: v for k, v in table.items() if v}
+
+
+def _bucket_order(g: str) -> float:
+    """A length bucket's place: a run's own (BUCKET_NAMES) or a compare's ('<=64', '64-128',
+    '>320')."""
+    if g in BUCKET_NAMES:
+        return BUCKET_NAMES.index(g)
+    if g.startswith("<="):
+        return 0.0
+    return float(g[1:]) + 0.5 if g.startswith(">") else float(g.split("-")[0])
 
 
 def plot_accuracy(groups: dict, compares: list[dict], out: Path, by: str) -> Path | None:
@@ -201,7 +215,7 @@ def plot_accuracy(groups: dict, compares: list[dict], out: Path, by: str) -> Pat
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
     for ax, (metric, table) in zip(axes[0], panels):
         cats = sorted({g for row in table.values() for g in row},
-                      key=lambda g: int(g) if by == "by_k" else BUCKET_NAMES.index(g))
+                      key=lambda g: int(g) if by == "by_k" else _bucket_order(g))
         width = 0.8 / max(len(table), 1)
         x = np.arange(len(cats))
         for i, (label, row) in enumerate(table.items()):
@@ -210,7 +224,8 @@ def plot_accuracy(groups: dict, compares: list[dict], out: Path, by: str) -> Pat
             ax.bar(x + (i - (len(table) - 1) / 2) * width, means, width, yerr=errs,
                    capsize=2, label=label, color=_color(label, list(table)))
         ax.set_xticks(x, [f"k={g}" if by == "by_k" else f"{g} tok" for g in cats])
-        ax.set_xlabel("operations per problem (k)" if by == "by_k" else "response length")
+        ax.set_xlabel("operations per problem (k)" if by == "by_k" else "response length"
+                      if set(cats) <= set(BUCKET_NAMES) else "length of a correct response")
         ax.set_ylabel(f"{METRIC_LABELS[metric]} (share of problems)")
         ax.set_ylim(0, 1.22)  # headroom: the legend sits above the bars
         ax.set_yticks(np.linspace(0, 1, 6))

@@ -116,7 +116,9 @@ def test_tiny_compare_end_to_end_and_report(tiny_lab, tmp_path):
 
     written = report([out], tmp_path / "plots")
     names = sorted(p.name for p in written)
-    assert names == ["accuracy_by_k.png", "diagnostics_by_position.png", "training_curves.png"]
+    # the compare's length buckets (two here) draw their own picture
+    assert names == ["accuracy_by_k.png", "accuracy_by_length.png", "diagnostics_by_position.png",
+                     "training_curves.png"]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     # by k: three panels (accuracy, all-steps-correct, shortcut rate), each 7 inches wide
@@ -380,3 +382,21 @@ def test_compare_md_states_the_sampling_noise_of_its_own_held_out_set():
     md = compare_markdown({"settings": {"steps": 2, "seeds": 2}, "lab": {"n_eval": 256},
                            "variants": []})
     assert f"±{1.96 * 0.5 / 16:.3f} at p = 0.5, n = 256" in md  # sqrt(.25 / 256) = .5 / 16
+
+
+def test_the_by_length_picture_of_a_compare_shows_its_own_buckets_in_order(tmp_path):
+    """--length-buckets: accuracy_by_length.png plots compare.json's paired buckets (their
+    intervals), ordered by length, and not the runs' own buckets of the response given."""
+    from aropd_mlx.report import _accuracy_table, _bucket_order, plot_accuracy
+
+    cell = lambda m, h: {k: {"mean": m, "half_width": h} for k in
+                         ("accuracy", "all_steps_correct_rate", "shortcut_rate")}
+    comp = {"variants": [{"name": "ar-opd", "by_k": {"8": cell(1.0, 0.0)},
+                          "by_length": {">320": cell(0.5, 0.1), "<=64": cell(1.0, 0.0),
+                                        "64-128": cell(0.9, 0.05)}}]}
+    own = {"summary": {"eval_after": {"by_length": {"<=256": {"accuracy": 0.2}}}}}
+    table = _accuracy_table({"ar-opd": [own]}, [comp], "accuracy", "by_length")
+    assert table == {"ar-opd": {">320": (0.5, 0.1), "<=64": (1.0, 0.0), "64-128": (0.9, 0.05)}}
+    assert sorted(table["ar-opd"], key=_bucket_order) == ["<=64", "64-128", ">320"]
+    assert sorted(["256-512", "<=256", ">1024"], key=_bucket_order) == ["<=256", "256-512", ">1024"]
+    assert plot_accuracy({"ar-opd": [own]}, [comp], tmp_path, "by_length").stat().st_size > 5000

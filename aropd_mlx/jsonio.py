@@ -6,11 +6,16 @@ unreadable file is a `UserError` naming the file and, for bad JSON, the line.
 
     config = read_json(path / "config.json")                  # missing: a UserError
     summary = read_json(run / "summary.json", missing=None)   # missing: None
+
+Results the CLI writes (`--json`, summary.json) go through `write_json` (a temp file, then a
+rename: never half a file), and a `--json` path is checked with `output_path` before the long
+work that fills it, so a path that cannot be written fails at once, not after an hour.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from aropd_mlx.errors import UserError
@@ -33,3 +38,31 @@ def read_json(path: str | Path, *, missing=_REQUIRED) -> dict:
     if not isinstance(data, dict):
         raise UserError("expected a JSON object", where=str(path))
     return data
+
+
+def output_path(path: str | Path, flag: str = "--json") -> Path:
+    """`path`, once its folder exists (made if missing) and can be written; else a UserError
+    naming the flag and the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot make its folder ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: its folder {path.parent} is not writable")
+    return path
+
+
+def write_json(path: str | Path, data, *, indent: int = 2, default=None) -> Path:
+    """Write `data` as JSON atomically; an OSError is a UserError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=indent, default=default), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write ({e.strerror or e})", where=str(path)) from None
+    return path

@@ -61,6 +61,10 @@ def bench_command(
             raise UserError(f"--model must be one of {', '.join(MODELS)}, got {m!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if json_out:
+        from aropd_mlx.jsonio import output_path
+
+        json_out = output_path(json_out)  # before the benchmarks, not after
     if top_k:
         if what != "objective":
             raise UserError("--top-k goes with `bench objective`")
@@ -92,8 +96,6 @@ def bench_command(
 
 def _bench_top_k(ks: List[int], models: List[str], quick: bool, json_out: Optional[Path]):
     """`bench objective --top-k K ...`: aropd_mlx.bench.objective.bench_top_k per model."""
-    import json
-
     import os
 
     from aropd_mlx.bench.objective import bench_top_k, format_top_k
@@ -113,5 +115,7 @@ def _bench_top_k(ks: List[int], models: List[str], quick: bool, json_out: Option
     typer.echo(f"BLAS: {machine['blas']}; load average {machine.get('loadavg_start')} -> "
                f"{machine.get('loadavg_end')} on {machine['cpus']} CPUs")
     if json_out:
-        json_out.write_text(json.dumps({"machine": machine, "top_k": results}, indent=1))
+        from aropd_mlx.jsonio import write_json as write
+
+        write(json_out, {"machine": machine, "top_k": results}, indent=1)
         typer.echo(f"wrote {json_out}")

@@ -81,11 +81,14 @@ def lab_measure(json_out: Optional[Path] = typer.Option(None, "--json", help="Wr
     from aropd_mlx.lab.measure import format_measure, measure_lab
     from aropd_mlx.lab.setup import prepare_lab
 
+    from aropd_mlx.jsonio import output_path, write_json
+
+    json_out = output_path(json_out) if json_out else None  # before the measure, not after
     lab = prepare_lab(lab_settings_for(), on_step=train._build_progress())
     numbers = measure_lab(lab, dev=dev)
     typer.echo(format_measure(numbers))
     if json_out:
-        json_out.write_text(json.dumps(numbers, indent=2))
+        write_json(json_out, numbers)
 
 
 @lab_app.command("show")

@@ -10,7 +10,6 @@ Prints one row per compared quantity; exits 1 when any is past its fp32 limit, 2
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -59,6 +58,9 @@ def parity_command(
     """MLX against the torch mirror on one batch: log-probs, target, loss, LoRA gradients."""
     from aropd_mlx.backends.torch.parity import format_parity, full_fp32_matmuls, run_parity
 
+    from aropd_mlx.jsonio import output_path, write_json
+
+    json_out = output_path(json_out, "--json-out") if json_out is not None else None
     full_fp32_matmuls()  # before any MLX work on a GPU: MLX reads the TF32 switch once
     with tempfile.TemporaryDirectory(prefix="aropd-parity-model-") as tmp:
         report = run_parity(_model_path(model, tmp), adapter=adapter, device=device,
@@ -68,8 +70,7 @@ def parity_command(
         report["model"] = "(fresh tiny llama)"
     typer.echo(format_parity(report))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2))
+        write_json(json_out, report)
         typer.echo(f"report: {json_out}")
     if not report["pass"]:
         raise typer.Exit(1)

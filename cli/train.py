@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from aropd_mlx.errors import UserError
+from aropd_mlx.jsonio import output_path, write_json
 
 from .common import handles_errors, table
 
@@ -319,9 +320,9 @@ def train_command(
             after = _eval(student, tokenizer, cfg, eval_examples, lab)
             summary.update(eval_before=before, eval_after=after)
             typer.echo("\n" + table(summary_rows(after, before)))
-        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(Path(cfg.out) / "summary.json", summary)
     typer.echo(f"\n{summary['steps_done']} steps in {summary['train_seconds']:.0f}s "
-               f"(final loss {summary['final_loss'] or float('nan'):.4f}); adapters in {cfg.out}")
+               f"(final loss {_or_nan(summary['final_loss']):.4f}); adapters in {cfg.out}")
     if summary.get("skipped_prompts") or summary.get("skipped_updates"):
         typer.echo(f"note: skipped {summary.get('skipped_prompts', 0)} prompts longer than "
                    f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} and "
@@ -369,6 +370,7 @@ def eval_command(
     from aropd_mlx.evaluate import evaluate, summary_rows
     from aropd_mlx.models import load_student
 
+    json_out = output_path(json_out) if json_out else None  # before the evaluation, not after
     run, lab = _eval_run(model, adapter)
     path = run.model.path
     if model == "lab" or (model is None and path == "lab"):
@@ -398,7 +400,12 @@ def eval_command(
     s = result.summary()
     typer.echo(table(summary_rows(s)))
     if json_out:
-        json_out.write_text(json.dumps({"summary": s, "records": result.records}, indent=2))
+        write_json(json_out, {"summary": s, "records": result.records})
+
+
+def _or_nan(x) -> float:
+    """A summary's number for printing: None (nothing to report) as nan, 0.0 as 0.0."""
+    return float("nan") if x is None else float(x)
 
 
 def _eval_run(model: Optional[str], adapter: Optional[Path]):

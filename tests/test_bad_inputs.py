@@ -407,3 +407,30 @@ def test_real_subprocess_one_line_no_traceback(ws):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"aropd-mlx: error: {bad}:2: malformed JSON")
     assert not ws["out"].exists()
+
+
+def test_a_json_output_that_cannot_be_written_fails_before_the_work(tiny_llama, tmp_path, monkeypatch):
+    """eval/lab measure/bench/parity `--json PATH`: a path that cannot be written is one line at
+    once (the evaluation never starts), not a traceback after it; results are written whole."""
+    from aropd_mlx import evaluate
+    from aropd_mlx.jsonio import output_path, write_json
+
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "e.jsonl"
+    data.write_bytes(jsonl(*GOOD[:2]))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama), "--data", str(data),
+                                   "--json", str(tmp_path / "file" / "r.json")])
+    assert "--json" in one_error(res, "cannot make its folder")
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama), "--data", str(data),
+                                   "--json", str(tmp_path)])
+    one_error(res, "is a directory")
+    out = output_path(tmp_path / "new" / "r.json")  # a missing folder is made
+    write_json(out, {"a": float("inf")})
+    assert json.loads(out.read_text()) == {"a": float("inf")} and not list(out.parent.glob("*.tmp"))
+
+
+def test_a_final_loss_of_zero_prints_as_zero():
+    from aropd_mlx.cli.train import _or_nan
+
+    assert _or_nan(0.0) == 0.0 and _or_nan(None) != _or_nan(None)  # nan only for "none"

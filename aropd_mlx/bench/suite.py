@@ -16,7 +16,6 @@ ratio is measured inside one run, side by side; absolute seconds depend on the m
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -249,9 +248,10 @@ def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=_jsonable))
+    from aropd_mlx.jsonio import output_path
+    from aropd_mlx.jsonio import write_json as write
+
+    write(output_path(path), result, default=_jsonable)
 
 
 def _jsonable(x):

@@ -10,8 +10,11 @@ An example is {"id": "...", "question": "...", "solution": "<oracle reasoning>",
   row); `.gz` of the text formats too;
 - a folder, or a Hub dataset `hf://datasets/OWNER/NAME[@REV][/path]` (a file, a folder, or the
   whole repository): the files of one split, named as the Hub names them (`train.jsonl`,
-  `data/train-00000-of-00002.parquet`, `train/*.csv`; `data.split`, `--data-split`); files with
-  no split in their names are all one split.
+  `data/train-00000-of-00002.parquet`, `train/*.csv`, a shard's own name: `train_sft` of
+  `data/train_sft-00000-of-00001.parquet`; `data.split`, `--data-split`); files with no split in
+  their names are all one split, train; a split that is not there, or one in several config
+  folders (gsm8k's `main/` and `socratic/`: name one, `hf://datasets/openai/gsm8k/main`), is an
+  error. A revision with a slash is URL-encoded: `@refs%2Fconvert%2Fparquet`.
 
 Which columns are which (first found wins, in this order):
 - `data.columns` ({question: problem, solution: solution, answer: ..., id: ...}): the mapped
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -127,6 +131,8 @@ def parse_row(obj, where: str, need: tuple[str, ...], index: int,
     solution and cannot be (skipped and counted by the caller)."""
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object, got {type(obj).__name__}", where=where)
+    # NaN (JSON's NaN, a float Parquet/pandas column's empty cell) is a missing value, not "nan"
+    obj = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in obj.items()}
     columns = columns or {}
     fields: dict[str, str] = {}
     source: dict[str, str] = {}

@@ -14,8 +14,10 @@ import gzip
 import io
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import unquote
 
 from aropd_mlx.errors import UserError
 
@@ -51,33 +53,68 @@ def _split_tokens(rel: str) -> list[str]:
     return [word, re.sub(r"[-_ ]?\d+$", "", word), *reversed(dirs)]
 
 
+def _split_and_config(rel: str) -> tuple[str | None, str]:
+    """(the split `rel` is a file of, None when nothing names one; the folder above what named
+    it: the config, '' at the top). In this order: a standard name (train-00000-of-00002.parquet,
+    train.jsonl, train_0.jsonl, valid.jsonl), a folder named by one (train/, data/test/), a
+    shard's own split name (data/train_sft-00000-of-00001.parquet: 'train_sft', as the Hub
+    reads push_to_hub's files), a standard name as a word of the file name (gsm8k_test.jsonl,
+    test_sft.jsonl: 'test', the Hub's keyword rule)."""
+    *dirs, name = rel.split("/")
+    here, stem = "/".join(dirs), name[: len(name) - len(_suffix(name))]
+    shard = re.match(r"(.+?)-\d{5}-of-\d{5}(?![0-9])", stem)
+    word = re.split(r"[-.]", stem, maxsplit=1)[0]
+    for token in (word, re.sub(r"[-_ ]?\d+$", "", word)):
+        if _canonical_split(token) in SPLIT_NAMES:
+            return _canonical_split(token), here
+    for i in range(len(dirs) - 1, -1, -1):
+        if _canonical_split(dirs[i]) in SPLIT_NAMES:
+            return _canonical_split(dirs[i]), "/".join(dirs[:i])
+    if shard:
+        return _canonical_split(shard.group(1)), here
+    for token in re.split(r"[^a-zA-Z]+", stem):  # gsm8k_test.jsonl, test_sft.json: the Hub's
+        if _canonical_split(token) in SPLIT_NAMES:  # keyword rule reads the standard split
+            return _canonical_split(token), here
+    return None, here
+
+
 def file_split(rel: str) -> str | None:
-    for token in _split_tokens(rel):
-        canon = _canonical_split(token)
-        if canon in SPLIT_NAMES:
-            return canon
-    return None
+    return _split_and_config(rel)[0]
 
 
 def _select_split(files: list[str], split: str | None, shown: str) -> list[str]:
-    """The files (paths relative to the folder) of `split` (None: the first of EVAL_SPLITS)."""
+    """The files (paths relative to the folder) of `split` (None: the first of EVAL_SPLITS).
+    Files with no split name are all one split, train (the Hub's rule); a split in several
+    config folders (gsm8k's main/ and socratic/) is an error until one is named in the path."""
     files = sorted(f for f in files if _suffix(f)  # hidden folders (.cache, .git): never data
                    and not any(part.startswith(".") for part in f.split("/")))
     if not files:
         raise UserError(f"{shown}: no data files (.jsonl, .json, .parquet, .csv) there")
-    found = {f: file_split(f) for f in files}
-    if not any(found.values()):  # no split names: every file is the one split
-        return files
+    found = {f: _split_and_config(f) for f in files}
+    have = sorted({s for s, _ in found.values() if s})
+    if not have:  # no split names: every file is the one split
+        if split is None or _canonical_split(split) == "train":
+            return files
+        chosen = [f for f in files if split in _split_tokens(f)]  # a folder of its own (cn_k12/)
+        if chosen:
+            return chosen
+        raise UserError(f"{shown}: no {split!r} split (no file or folder here names a split: "
+                        "they are all one split, 'train'; choose it with data.split / --data-split)")
     wants = [split] if split is not None else list(EVAL_SPLITS)
     for want in wants:
         canon = _canonical_split(want)
-        if canon in SPLIT_NAMES:
-            chosen = [f for f in files if found[f] == canon]
-        else:  # a split of its own name (cn_k12/, amc_aime-00000.parquet)
-            chosen = [f for f in files if want in _split_tokens(f)]
+        chosen = [f for f in files if found[f][0] == canon]
+        if not chosen and canon not in SPLIT_NAMES:  # a split of its own name (cn_k12/)
+            chosen = [f for f in files if found[f][0] is None and want in _split_tokens(f)]
         if chosen:
+            configs = sorted({found[f][1] for f in chosen})
+            if len(configs) > 1:
+                named = [c for c in configs if c] or configs
+                raise UserError(
+                    f"{shown}: the {canon!r} split is in {len(configs)} folders (configs): "
+                    f"{', '.join(c or '(top)' for c in configs)}; choose one by naming its folder, "
+                    f"e.g. {shown.rstrip('/')}/{named[0]}")
             return chosen
-    have = sorted({s for s in found.values() if s})
     asked = repr(split) if split is not None else "validation or test"
     raise UserError(f"{shown}: no {asked} split (splits here: {', '.join(have)}; "
                     "choose one with data.split / --data-split)")
@@ -106,6 +143,7 @@ def _hub_files(spec: str, split: str | None) -> list[tuple[Path, str]]:
         raise UserError("a Hub data path looks like hf://datasets/OWNER/NAME (the whole dataset) "
                         f"or hf://datasets/OWNER/NAME/path/file.parquet, got {spec}")
     name, _, revision = parts[2].partition("@")
+    revision = unquote(revision)  # the hf:// form of a ref: @refs%2Fconvert%2Fparquet
     repo_id, inner = f"{parts[1]}/{name}", "/".join(p for p in parts[3:] if p)
     base = f"hf://datasets/{parts[1]}/{parts[2]}"
 
@@ -175,29 +213,59 @@ def resolve_path(spec: str) -> Path:
 
 # ---------------------------------------------------------------------------------- rows
 
-def _open_text(path: Path) -> bytes:
-    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
-        return f.read()
+GZIP_ERRORS = (OSError, EOFError, zlib.error)  # not gzip (BadGzipFile), truncated, corrupt
+
+
+def _gzip_error(shown: str, e: Exception, after: int = 0) -> UserError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    read = f" after line {after}" if after else ""
+    return UserError(f"{shown}: not a readable .gz file{read}: truncated or not gzip ({reason})")
+
+
+def _open_text(path: Path, shown: str) -> bytes:
+    if not path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except GZIP_ERRORS as e:
+        raise _gzip_error(shown, e) from None
+
+
+def _lines(path: Path, shown: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a text file, gzip read and its errors named (the last line read)."""
+    if not path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            yield from enumerate(f, start=1)
+        return
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except GZIP_ERRORS as e:
+        raise _gzip_error(shown, e, lineno) from None
 
 
 def _jsonl_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{shown}:{lineno}"
-            raw = raw.rstrip(b"\r\n")
-            if len(raw) > MAX_LINE_BYTES:
-                raise UserError(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}", where=where)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 (byte {e.start})", where=where) from None
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg}, column {e.colno})", where=where) from None
+    for lineno, raw in _lines(path, shown):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        where = f"{shown}:{lineno}"
+        raw = raw.rstrip(b"\r\n")
+        if len(raw) > MAX_LINE_BYTES:
+            raise UserError(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}", where=where)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"not UTF-8 (byte {e.start})", where=where) from None
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"malformed JSON ({e.msg}, column {e.colno})", where=where) from None
 
 
 def _decode(data: bytes, shown: str) -> str:
@@ -208,8 +276,14 @@ def _decode(data: bytes, shown: str) -> str:
         raise UserError(f"not UTF-8 (byte {e.start})", where=f"{shown}:{line}") from None
 
 
+def _rows_list(value) -> bool:
+    """A list of row objects (a split of a `{"train": [...], "test": [...]}` file), not a row's
+    own list field: chat messages ({role, content}), strings, numbers."""
+    return isinstance(value, list) and all(isinstance(r, dict) and "role" not in r for r in value)
+
+
 def _json_rows(path: Path, shown: str, split: str | None) -> Iterator[tuple[str, object]]:
-    data = _open_text(path)
+    data = _open_text(path, shown)
     text = _decode(data, shown)
     try:
         obj = json.loads(text)
@@ -219,21 +293,21 @@ def _json_rows(path: Path, shown: str, split: str | None) -> Iterator[tuple[str,
             return
         raise UserError(f"malformed JSON ({e.msg}, line {e.lineno}, column {e.colno})",
                         where=shown) from None
-    if isinstance(obj, dict):
-        lists = [k for k, v in obj.items() if isinstance(v, list)]
+    if isinstance(obj, dict) and any(_rows_list(v) and (v or k == "data" or file_split(k))
+                                     for k, v in obj.items()):  # {"train": [...], ...}
+        lists = [k for k, v in obj.items() if _rows_list(v)]
         key = next((k for k in ([split] if split else list(EVAL_SPLITS)) + ["data"]
                     if k in lists), None)
         if key is None and split is not None:
             key = next((k for k in lists if _canonical_split(k) == _canonical_split(split)), None)
         if key is None and split is None:
             key = next((k for k in lists if _canonical_split(k) in EVAL_SPLITS), None)
-        if key is None and lists:
+        if key is None:
             raise UserError(f"{shown}: lists under {', '.join(map(repr, lists))}: which one? "
                             "(data.split / --data-split)")
-        if key is None:  # one object: a one-line JSON Lines file
-            yield f"{shown} row 0", obj
-            return
         obj = obj[key]
+    elif isinstance(obj, dict):  # one object, one row (its lists are its fields: messages)
+        obj = [obj]
     if not isinstance(obj, list):
         raise UserError(f"{shown}: expected a list of objects, got {type(obj).__name__}")
     for i, row in enumerate(obj):
@@ -241,7 +315,7 @@ def _json_rows(path: Path, shown: str, split: str | None) -> Iterator[tuple[str,
 
 
 def _csv_rows(path: Path, shown: str) -> Iterator[tuple[str, object]]:
-    text = _decode(_open_text(path), shown)
+    text = _decode(_open_text(path, shown), shown)
     reader = csv.reader(io.StringIO(text, newline=""))
 
     def next_cells(line: int) -> list[str] | None:  # None at the end of the file

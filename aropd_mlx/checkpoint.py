@@ -117,12 +117,22 @@ def save_checkpoint(run_dir: Path, step: int, *, params: dict, optimizer_state: 
     return final
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint folder's name gives (`step-000050` -> 50); None for another name."""
+    digits = Path(path).name[len(PREFIX):]
+    return int(digits) if Path(path).name.startswith(PREFIX) and digits.isascii() \
+        and digits.isdigit() else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of `run_dir`, oldest first by step (a name sorts `step-1000000`
+    before `step-999999`: by name, the newest would be pruned and resume would miss it)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: p.name)
+    done = [p for p in root.iterdir()
+            if checkpoint_step(p) is not None and (p / "state.json").is_file()]
+    return sorted(done, key=checkpoint_step)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -104,6 +104,9 @@ def _resume_config(config: Optional[Path], overrides: dict):
     if _wants_lab(fresh):  # the lab's paths and preset, as the first run had them (nothing built)
         fresh = _with_lab(config, overrides, fresh, lab_at(lab_settings_for(fresh)))
     run_dir = Path(fresh.out).expanduser()
+    from aropd_mlx.rundir import put_back
+
+    put_back(run_dir)  # an --overwrite stopped mid-swap left the run beside it
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise UserError(f"--resume: {saved_path} not found (no run to continue there; "

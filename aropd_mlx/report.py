@@ -190,8 +190,7 @@ def _accuracy_table(groups: dict, compares: list[dict], metric: str, by: str) ->
 
 
 def _bucket_order(g: str) -> float:
-    """A length bucket's place: a run's own (BUCKET_NAMES) or a compare's ('<=64', '64-128',
-    '>320')."""
+    """A length bucket's place: a run's own (BUCKET_NAMES) or a compare's ('<=64', '>320')."""
     if g in BUCKET_NAMES:
         return BUCKET_NAMES.index(g)
     if g.startswith("<="):
@@ -376,8 +375,7 @@ def _reading(variants: list[dict]) -> list[str]:
 
 
 def _sampling_example(n) -> str:
-    """The binomial half-width at p = 0.5 for this held-out set's size (192 when unknown)."""
-    n = n if isinstance(n, int) and n > 0 else 192
+    n = n if isinstance(n, int) and n > 0 else 192  # the held-out set's size; unknown: 192
     return f"±{1.96 * (0.25 / n) ** 0.5:.3f} at p = 0.5, n = {n}"
 
 

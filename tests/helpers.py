@@ -45,3 +45,27 @@ def last_error(result, *needles):
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def fake_hub(monkeypatch, repo) -> list:
+    """huggingface_hub's list/download functions serving the folder `repo` as the dataset
+    owner/name (offline); returns the calls: ("list", revision), ("download", file, revision)."""
+    import huggingface_hub
+
+    calls = []
+
+    def list_repo_files(repo_id, repo_type=None, revision=None, **_):
+        assert (repo_id, repo_type) == ("owner/name", "dataset")
+        calls.append(("list", revision))
+        return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+
+    def hf_hub_download(repo_id, filename, repo_type=None, revision=None, **_):
+        assert (repo_id, repo_type) == ("owner/name", "dataset")
+        calls.append(("download", filename, revision))
+        if not (repo / filename).is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not found")
+        return str(repo / filename)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return calls

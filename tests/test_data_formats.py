@@ -18,6 +18,8 @@ from aropd_mlx.config import DataSettings, load_config
 from aropd_mlx.data import load_examples, train_and_eval
 from aropd_mlx.errors import UserError
 
+from helpers import fake_hub
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -229,32 +231,13 @@ def test_mlx_lm_folder_and_an_unsplit_folder(tmp_path):
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """huggingface_hub's list/download functions serving a local folder as OWNER/NAME."""
-    import huggingface_hub
-
-    repo = make_repo(tmp_path / "hub-repo")
-    calls = []
-
-    def list_repo_files(repo_id, repo_type=None, revision=None, **_):
-        assert (repo_id, repo_type) == ("owner/name", "dataset")
-        calls.append(("list", revision))
-        return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
-
-    def hf_hub_download(repo_id, filename, repo_type=None, revision=None, **_):
-        assert (repo_id, repo_type) == ("owner/name", "dataset")
-        calls.append(("download", filename))
-        if not (repo / filename).is_file():
-            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not found")
-        return str(repo / filename)
-
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    return calls
+    return fake_hub(monkeypatch, make_repo(tmp_path / "hub-repo"))
 
 
 def test_hub_dataset_repo_folder_and_file(hub):
     got = load_examples("hf://datasets/owner/name", need=ALL)
     assert [e.answer for e in got] == ["1", "2", "3"]
-    assert ("download", "data/test-00000-of-00001.parquet") not in hub  # only the split asked
+    assert not [c for c in hub if c[:2] == ("download", "data/test-00000-of-00001.parquet")]
     assert [e.answer for e in load_examples("hf://datasets/owner/name/data", need=ALL,
                                             split="test")] == ["4"]
     one = "hf://datasets/owner/name/data/test-00000-of-00001.parquet"

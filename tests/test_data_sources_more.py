@@ -12,6 +12,8 @@ import pytest
 from aropd_mlx.data import load_examples
 from aropd_mlx.errors import UserError
 
+from helpers import fake_hub
+
 
 def rows(tag: str, n: int = 2) -> list[dict]:
     return [{"question": f"{tag} {i}", "solution": f"s \\boxed{{{i}}}", "answer": str(i)}
@@ -34,28 +36,8 @@ def questions(spec, **kw) -> list[str]:
 def hub(tmp_path, monkeypatch):
     """serve(files): huggingface_hub's list/download functions serving them as owner/name;
     returns the calls made, with the revision asked."""
-    import huggingface_hub
-
-    calls = []
-
     def serve(files: dict[str, list[dict]]) -> list:
-        repo = write_tree(tmp_path / "hub-repo", files)
-
-        def list_repo_files(repo_id, repo_type=None, revision=None, **_):
-            assert (repo_id, repo_type) == ("owner/name", "dataset")
-            calls.append(("list", revision))
-            return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
-
-        def hf_hub_download(repo_id, filename, repo_type=None, revision=None, **_):
-            assert (repo_id, repo_type) == ("owner/name", "dataset")
-            calls.append(("download", filename, revision))
-            if not (repo / filename).is_file():
-                raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not found")
-            return str(repo / filename)
-
-        monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-        return calls
+        return fake_hub(monkeypatch, write_tree(tmp_path / "hub-repo", files))
 
     return serve
 

@@ -10,7 +10,8 @@ choose the micro-batches and checkpointing so the step fits `train.memory_limit`
 Notation: L layers, H hidden, I intermediate, V vocabulary, nh heads, Hq = nh*head_dim,
 Hkv = kv_heads*head_dim, E bytes per activation (the model's dtype: 2 for bf16, 4 for fp32;
 a quantized model's scales dtype), p bytes per weight (the dtype; quantized: bits/8 plus a
-scale and a bias in E bytes per group), R = batch_size x group_size rows, G = group_size,
+scale and a bias in E bytes per group), R = ceil(batch_size / ranks) x G rows (one rank's
+share; SFT: G = 1, one oracle a prompt), G = group_size,
 P_s the student prompt, P_v a teacher view's prompt (max over the data sampled), T the max
 rollout length (rollout.max_new_tokens), S = P_s + T, nv the method's teacher views,
 m / u the scoring / update micro-batches (rows), C the fused loss's rows per chunk.
@@ -51,17 +52,12 @@ Update (micro-batch u rows). Per layer, what the backward keeps and what it need
     peak = state + 2A (the gradient sum and this micro-batch's gradients) + nv*R*T*H*E (the
            teacher's hidden states) + u * S * H * E * 2 (the backward's gradient of one layer)
            + max(kept + loss: the loss's moment, the backward's moment)
-The bytes per attention score come from the CPU backend, whose attention materializes the
-scores (constants below; docs/BENCHMARKS.md, "Memory"); a fused attention (Metal) keeps
-fewer, so the plan errs on the safe side there. FUSED_K was calibrated with
-`aropd-mlx bench memory --quick`. The plan is an estimate, not a bound. Every term grows with
-rows and lengths, so the plan is monotone in both.
-
-Choice: scoring takes the largest m whose peak fits; the update, without checkpointing, the
-largest u that fits, else checkpointing and the largest u that fits. A setting the user gave
-(train.scoring_micro_batch, micro_batch_size, grad_checkpoint) is kept as given. If even 1 row
-at a time with checkpointing does not fit, the run stops before its first step with one line
-naming what would fit.
+Bytes per attention score: the CPU backend's (it materializes the scores; docs/BENCHMARKS.md,
+"Memory"); Metal's fused attention keeps fewer (the plan errs safe). FUSED_K: calibrated with
+`aropd-mlx bench memory --quick`. An estimate, not a bound, monotone in rows and lengths.
+Choice: scoring the largest m that fits; the update the largest u without checkpointing, else
+with it. A setting the user gave is kept as given. If even 1 row with checkpointing does not
+fit, the run stops before its first step with one line naming what would fit.
 """
 
 from __future__ import annotations
@@ -202,10 +198,13 @@ class RunShape:
     separate_teacher: bool = False
     chunk_size: int = 64
     rollout: bool = True  # SFT trains on the oracle trace: no rollout phase
+    ranks: int = 1  # a distributed run: `rows` are one rank's share (the largest)
 
     @classmethod
-    def from_config(cls, cfg, student_prompt: int, view_prompts: dict) -> "RunShape":
-        return cls(rows=cfg.train.batch_size * cfg.rollout.group_size, group=cfg.rollout.group_size,
+    def from_config(cls, cfg, student_prompt: int, view_prompts: dict, ranks: int = 1) -> "RunShape":
+        group = 1 if cfg.train.method == "sft" else cfg.rollout.group_size  # SFT: one oracle a prompt
+        prompts = -(-cfg.train.batch_size // ranks)  # World.shard: shares differ by one at most
+        return cls(rows=prompts * group, group=group, ranks=ranks,
                    student_prompt=student_prompt, view_prompts=dict(view_prompts),
                    response=cfg.rollout.max_new_tokens,
                    completion_batch=cfg.rollout.completion_batch_size,
@@ -385,14 +384,14 @@ def make_plan(m: ModelShape, r: RunShape, train, limit: int, limit_note: str = "
 def _too_big(m: ModelShape, r: RunShape, plan: MemoryPlan) -> str:
     """One line: the smallest settings' peak and what would fit instead."""
     worst = max(plan.phases, key=plan.phases.get)
-
     def fits(mm, rr):
         return max(predict(mm, rr, 1, 1, True).values()) <= plan.limit
 
     ideas = []
     groups = _largest(lambda k: fits(m, replace(r, rows=k * r.group)), r.rows // r.group)
     if groups and groups * r.group < r.rows:
-        ideas.append(f"{groups * r.group} rows (train.batch_size {groups})")
+        ideas.append(f"{groups * r.group} rows{' a rank' if r.ranks > 1 else ''} "
+                     f"(train.batch_size {groups * r.ranks})")
     length = _largest(lambda k: fits(m, replace(r, response=k)), r.response)
     if length and length < r.response:
         ideas.append(f"rollouts of {length} tokens (rollout.max_new_tokens)")
@@ -422,25 +421,26 @@ def prompt_lengths(cfg, encoder, examples, views, sample: int = 256) -> dict[str
     return longest
 
 
-def run_shape(cfg, encoder, examples) -> RunShape:
-    """The step's shapes for this config and data: its longest prompt per view (an encoder
-    turns an example into its encoded prompts; already encoded ones pass `lambda e: e`)."""
+def run_shape(cfg, encoder, examples, ranks: int = 1) -> RunShape:
+    """The step's shapes (one rank's share of `ranks`), its longest prompt per view (`encoder`:
+    example -> encoded prompts; already encoded ones pass `lambda e: e`)."""
     from aropd_mlx.views import METHOD_VIEWS
 
     views = METHOD_VIEWS[cfg.train.method]
     encoded = tuple(getattr(encoder, "views", ())) or ("student",) + tuple(views)
     lengths = prompt_lengths(cfg, encoder, examples, encoded)
-    run = RunShape.from_config(cfg, lengths["student"], {v: lengths[v] for v in views})
+    run = RunShape.from_config(cfg, lengths["student"], {v: lengths[v] for v in views}, ranks)
     if cfg.train.method == "sft":  # its prompts may be any encoded view, its responses oracles
         run = replace(run, student_prompt=max(lengths[v] for v in encoded),
                       response=lengths.get("oracle", run.response))
     return run
 
 
-def plan_for_run(cfg, model, encoder, examples) -> MemoryPlan:
-    """The plan of a training run: the loaded model's shape, the data's prompt lengths."""
-    run = run_shape(cfg, encoder, examples)
+def plan_for_run(cfg, model, encoder, examples, ranks: int = 1) -> MemoryPlan:
+    """A run's plan: the model's shape, the data's prompt lengths, each rank's share."""
+    run = run_shape(cfg, encoder, examples, ranks)
     limit, note = memory_limit(cfg)
+    note += f"; each of {ranks} ranks plans its share of the batch" if ranks > 1 else ""
     try:
         shape = ModelShape.from_model(model)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:

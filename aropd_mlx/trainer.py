@@ -353,7 +353,7 @@ def _train(cfg: RunConfig, model, tokenizer, examples: list[Example], *, teacher
                         "ranks: each rank needs at least one prompt per step")
     encoder = encoder or PromptEncoder(cfg, tokenizer)
     draw_batch(cfg, examples, encoder, 0, world.size)  # bad prompts fail before anything is written
-    plan = plan_for_run(cfg, model, encoder, examples)  # too big: fails before anything is written
+    plan = plan_for_run(cfg, model, encoder, examples, world.size)  # too big: fails before anything is written
     cfg = plan.apply(cfg)
     if on_plan is not None and world.is_main:
         on_plan(plan.line())

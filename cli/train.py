@@ -289,7 +289,8 @@ def train_command(
     from aropd_mlx.distributed import init
     from aropd_mlx.memory import plan_for_run
 
-    plan = plan_for_run(cfg, student, PromptEncoder(cfg, tokenizer), examples)  # too big: stops
+    plan = plan_for_run(cfg, student, PromptEncoder(cfg, tokenizer), examples,
+                        init().size)  # too big: stops
     if init().is_main:
         typer.echo(plan.line(), err=dry_run is False)
     if dry_run:

@@ -97,6 +97,32 @@ def test_a_run_that_cannot_fit_names_what_would():
     assert "LoRA instead of full" in text and "would fit" in text
 
 
+def test_each_rank_plans_its_share_and_sft_one_row_a_prompt(tiny_llama):
+    """A run of 2 ranks: each process holds half the batch (World.shard), so its plan counts
+    ceil(batch / 2) prompts x G rows, and a suggested batch size is the global one; SFT trains
+    one oracle row a prompt, whatever G."""
+    from aropd_mlx.batches import PromptEncoder
+    from aropd_mlx.memory import plan_for_run, run_shape
+    from aropd_mlx.models import load_student
+
+    from helpers import lab_examples, tiny_config
+
+    cfg = tiny_config(tiny_llama, "/nonexistent/out", **{"train.batch_size": 5,
+                                                          "rollout.group_size": 4})
+    model, tok = load_student(cfg.model)
+    enc, ex = PromptEncoder(cfg, tok), lab_examples(8)
+    assert run_shape(cfg, enc, ex).rows == 20 and run_shape(cfg, enc, ex, 2).rows == 12
+    assert plan_for_run(cfg, model, enc, ex, 2).rows == 12
+    assert "each of 2 ranks" in plan_for_run(cfg, model, enc, ex, 2).line()
+    sft = tiny_config(tiny_llama, "/nonexistent/out", **{"train.batch_size": 5, "train.method": "sft",
+                                                          "rollout.group_size": 4})
+    assert run_shape(sft, PromptEncoder(sft, tok), ex).rows == 5
+    share = replace(RUN, rows=32, ranks=2)  # one rank's 8 prompts x G 4 of a batch of 16
+    limit = max(predict(QWEN_15B, replace(share, rows=12), 1, 1, True).values()) + 1
+    with pytest.raises(UserError, match=r"would fit: 12 rows a rank \(train.batch_size 6\)"):
+        make_plan(QWEN_15B, share, TrainSettings(), limit, "t")  # 3 prompts a rank, 6 in all
+
+
 # ------------------------------------------------------------------------------- the CLI
 
 @pytest.fixture

@@ -146,11 +146,14 @@ class Tracking:
 
         config = to_dict(self.cfg)
         run_dir, self.trackers = Path(run_dir), []
+        self.last_step = max(self.last_step, first_step)  # a resumed finished run: its plots there
         for name in self.names:
             if name == "wandb":
                 self.trackers.append(_WandB(run_dir, self.cfg, config, self.resume))
             else:
-                purge = first_step + 1 if self.resume and first_step > 0 else None
+                # a resumed run's events past its checkpoint (step 0 too: none) go: the
+                # metrics past it were cut back, and the steps are logged again
+                purge = first_step + 1 if self.resume else None
                 text = "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```"
                 self.trackers.append(_TensorBoard(run_dir, text, purge))
         for line in self.pending:

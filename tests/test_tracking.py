@@ -85,6 +85,24 @@ def test_tensorboard_resume_keeps_each_step_once(tiny_llama, tmp_path):
     assert [v for _, v in loss] == pytest.approx([l["loss"] for l in _lines(run)], rel=1e-6)
 
 
+def test_tensorboard_resume_before_any_checkpoint_and_of_a_finished_run(tiny_llama, tmp_path):
+    """Stopped at step 2 before its first checkpoint (4): the resume starts again at step 1 and
+    TensorBoard shows 1..4 once (the purge covers step 0's resume too). Resuming the finished
+    run logs its report plots at its last step, not at step 0."""
+    pytest.importorskip("tensorboard")
+    run, over = tmp_path / "run", {"train.report_to": ["tensorboard"], "train.steps": 4,
+                                   "train.save_every": 4}
+    _train(tiny_llama, run, stop_after=2, **over)
+    time.sleep(1.1)  # event files are named by the second: the resumed one sorts after
+    _train(tiny_llama, run, resume=True, **over)
+    assert [e.step for e in _events(run / "tensorboard").Scalars("loss")] == [1, 2, 3, 4]
+    if HAS_MPL:
+        time.sleep(1.1)
+        _train(tiny_llama, run, resume=True, **over)  # finished: nothing to train
+        steps = {e.step for e in _events(run / "tensorboard").Images("plots/training_curves")}
+        assert steps == {4}
+
+
 # ----------------------------------------------------------------------------- W&B, offline
 
 def _wandb_records(path):

@@ -40,7 +40,7 @@ class ModelSettings:
     lora_rank: int = 8
     lora_scale: float = 20.0
     lora_dropout: float = 0.0
-    lora_layers: int = -1  # how many of the last layers get adapters (-1: all)
+    lora_layers: int = -1  # the last layers that get adapters (full: that train) (-1: all)
     lora_keys: tuple[str, ...] | None = None  # None: mlx-lm's default (every Linear in a layer)
     teacher: str = "frozen"  # frozen | ema | PATH
     # EMA teacher: every step teacher <- (1 - m) teacher + m student, over the trainable
@@ -130,6 +130,14 @@ def attach_adapters(model: nn.Module, settings: ModelSettings, seed: int = 0) ->
     mx.random.seed(seed)
     model.freeze()
     if settings.fine_tune_type == "full":
+        if any("scales" in m for _, m in model.named_modules()):  # QuantizedLinear/Embedding
+            raise UserError("model.fine_tune_type full needs an unquantized base: this model is "
+                            "quantized and its packed weights cannot be trained; use lora or dora")
+        if settings.lora_layers >= 0:  # an mlx-lm config's num_layers: as mlx_lm.lora trains,
+            n = settings.lora_layers   # its last n layers only (its slice: 0 is every layer)
+            for layer in model.layers[-n:] if n else model.layers:
+                layer.unfreeze()
+            return
         # every weight trains, the output head included (fused.py gives a trainable head its
         # gradient, chunk by chunk): a tied embedding through both of its uses. A frozen
         # untied head would cap the logits at its random scale when training from scratch
@@ -258,6 +266,10 @@ class Teacher:
                     for k, v in trainable(model).items()}
             if settings.fine_tune_type == "dora" and settings.adapter:
                 raise UserError("teacher: frozen with DoRA needs fresh adapters (no model.adapter)")
+            if settings.fine_tune_type == "full" and settings.adapter:  # it would be the adapter's
+                raise UserError("teacher: frozen is the base weights, and full fine-tuning from "
+                                "model.adapter has replaced them; use teacher ema, a teacher "
+                                "model, or no model.adapter")
             return cls("frozen", snap)
         if settings.teacher == "ema":
             return cls("ema", {k: mx.array(v) for k, v in trainable(model).items()},

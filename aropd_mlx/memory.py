@@ -397,7 +397,7 @@ def _too_big(m: ModelShape, r: RunShape, plan: MemoryPlan) -> str:
         ideas.append(f"rollouts of {length} tokens (rollout.max_new_tokens)")
     if r.fine_tune == "full" and fits(m, replace(r, fine_tune="lora")):
         ideas.append("LoRA instead of full fine-tuning (model.fine_tune_type lora)")
-    if not m.quant_bits and fits(replace(m, quant_bits=4), r):
+    if not m.quant_bits and r.fine_tune != "full" and fits(replace(m, quant_bits=4), r):
         ideas.append("a 4-bit quantized base model")
     fix = "; would fit: " + " or ".join(ideas) if ideas else \
         "; nothing smaller in rows, length or precision fits: a machine with more memory"

@@ -95,6 +95,7 @@ def test_a_run_that_cannot_fit_names_what_would():
     text = str(e.value)
     assert "\n" not in text and "even 1 row at a time with checkpointing needs" in text
     assert "LoRA instead of full" in text and "would fit" in text
+    assert "4-bit" not in text  # a quantized base cannot be fully fine-tuned (models.py)
 
 
 def test_each_rank_plans_its_share_and_sft_one_row_a_prompt(tiny_llama):

@@ -14,7 +14,7 @@ is frozen, and a quantized head never trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,6 +43,14 @@ class OutputHead:
     @property
     def vocab(self) -> int:
         return self.weight.shape[0]
+
+    def first_rows(self, n: int) -> "OutputHead":
+        """The head over ids 0..n-1 only: a separate teacher whose head is padded past the
+        tokenizer (Qwen2.5-7B's 152,064 rows against 0.5B's 151,936) scores the student's."""
+        if n >= self.vocab:
+            return self
+        cut = (lambda a: None if a is None else a[:n])
+        return replace(self, weight=self.weight[:n], scales=cut(self.scales), biases=cut(self.biases))
 
     def __call__(self, h: mx.array) -> mx.array:  # (..., H) -> (..., V)
         return project(h, self.arrays(), self.static_key(), transpose=True)

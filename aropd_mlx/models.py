@@ -288,10 +288,12 @@ class Teacher:
         return cls("model", model=other)
 
     def head(self, student: nn.Module) -> OutputHead:
-        """The head that projects the teacher's hidden states: a separate model's own head, or
-        the snapshot's (the student's head unless it trains: a tied embedding, full fine-tune)."""
+        """The head that projects the teacher's hidden states: a separate model's own head (over
+        the student's ids: a head padded past the tokenizer is cut), or the snapshot's (the
+        student's head unless it trains: a tied embedding, full fine-tune)."""
+        vocab = head_from_model(student).vocab
         with self.active(student) as scorer:
-            return head_from_model(scorer)
+            return head_from_model(scorer).first_rows(vocab)
 
     @contextmanager
     def active(self, student: nn.Module):
@@ -327,9 +329,12 @@ def check_same_vocabulary(tok_a, tok_b, model_a, model_b, where: str) -> None:
             how = f"same size, but {token!r} is id {vocab_b.get(token)} vs {vocab_a.get(token)}"
         raise UserError(f"teacher {where}: its tokenizer differs from the student's ({how}); "
                         "a separate teacher must share the vocabulary")
-    if ha.weight.shape[0] != hb.weight.shape[0]:
-        raise UserError(f"teacher {where}: output vocabulary {hb.weight.shape[0]} "
-                        f"differs from the student's {ha.weight.shape[0]}")
+    # heads padded past the tokenizer (rows no token id reaches) may differ: the teacher's is cut
+    # to the student's rows (Teacher.head); every id the tokenizer makes must lie in both
+    if hb.vocab < ha.vocab or len(vocab_a) > ha.vocab:
+        raise UserError(f"teacher {where}: output vocabulary {hb.vocab} rows against the "
+                        f"student's {ha.vocab} (tokenizer: {len(vocab_a)} ids); the teacher's "
+                        "head must cover every row of the student's")
 
 
 def adapter_config(settings: ModelSettings, model: nn.Module) -> dict:

@@ -38,15 +38,35 @@ def teachers(tmp_path_factory):
     """Separate teachers on the lab tokenizer: another hidden size, and the student's size with
     other weights (the case the student's head scored silently wrong)."""
     root = tmp_path_factory.mktemp("teachers")
-    return {h: build_tiny_model(root / f"h{h}", TinySpec(hidden=h, intermediate=2 * h, seed=7))
-            for h in (32, 64)}
+    found = {h: build_tiny_model(root / f"h{h}", TinySpec(hidden=h, intermediate=2 * h, seed=7))
+             for h in (32, 64)}
+    found["padded"] = padded_copy(found[32], root / "padded", extra=24)
+    return found
 
 
-@pytest.mark.parametrize("hidden", [32, 64])
+def padded_copy(src, dst, extra: int):
+    """A copy of a tiny model whose embedding and head have `extra` rows past its tokenizer (as
+    Qwen2.5-7B's 152,064 rows against the 151,936 of its smaller siblings, the same tokenizer)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += extra
+    (dst / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(dst / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[name]
+        weights[name] = mx.concatenate([w, mx.random.normal((extra, w.shape[1]), key=mx.random.key(3))])
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    return dst
+
+
+@pytest.mark.parametrize("hidden", [32, 64, "padded"])
 def test_a_separate_teacher_is_scored_through_its_own_head(hidden, teachers, tiny_llama,
                                                            tmp_path, monkeypatch):
     """train() with --teacher PATH: the loss of the step equals naive_loss on the student's
-    logits and the teacher's OWN logits (teacher_model(ids), each view)."""
+    logits and the teacher's OWN logits (teacher_model(ids), each view; a head padded past the
+    tokenizer: over the student's rows)."""
     seen = {}
     real_accumulate, real_fused = trainer.accumulate, trainer.fused_loss
 
@@ -73,8 +93,9 @@ def test_a_separate_teacher_is_scored_through_its_own_head(hidden, teachers, tin
     resp, rows = scored.resp, scored.rows
     tokens = np.array(resp.tokens)
     other, _ = load_base(str(teachers[hidden]))
-    partial, full = (own_logits(other, rows[v], tokens, resp.lengths) for v in ("partial", "full"))
     mine = own_logits(student, rows["student"], tokens, resp.lengths)
+    partial, full = (own_logits(other, rows[v], tokens, resp.lengths)[..., :mine.shape[-1]]
+                     for v in ("partial", "full"))
     want = naive_loss(mine, resp.tokens, resp.mask, partial, full, settings=settings)
     np.testing.assert_allclose(np.array(seen["per_token"]), np.array(want.per_token),
                                rtol=1e-4, atol=2e-5)
@@ -180,3 +201,19 @@ def test_the_cli_trains_with_a_teacher_of_another_hidden_size(teachers, tiny_lla
     assert result.exit_code == 0, result.output
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(line["loss"]) and line["kl_full_partial"] >= 0
+
+
+def test_a_teacher_head_smaller_than_the_students_is_refused(teachers):
+    """The student's head padded past the tokenizer, the teacher's not: the teacher cannot
+    score the student's extra rows (one line); the other way round it is cut (above)."""
+    from aropd_mlx.errors import UserError
+    from aropd_mlx.models import ModelSettings
+
+    student, tok = load_base(str(teachers["padded"]))
+    settings = ModelSettings(path=str(teachers["padded"]), teacher=str(teachers[32]))
+    with pytest.raises(UserError, match="must cover every row of the student's"):
+        Teacher.create(student, tok, settings)
+    cut = Teacher.create(*load_base(str(teachers[32])),
+                         ModelSettings(path=str(teachers[32]), teacher=str(teachers["padded"])))
+    assert cut.head(load_base(str(teachers[32]))[0]).vocab == \
+        load_base(str(teachers[32]))[0].lm_head.weight.shape[0]

@@ -138,11 +138,15 @@ def _anchored_from_logprobs(partial: mx.array, full: mx.array, lam: float,
     f = mx.maximum(full, _LOGPROB_FLOOR)
     if clip is not None:
         return log_softmax(p + lam * mx.clip(f - p, -clip, clip))
-    if lam == 0.0 or lam == 1.0:  # exactly P or F, even where the other view is -inf
+    scalar = isinstance(lam, (int, float))  # else an array: the fused loss's compiled chunk
+    if scalar and lam in (0.0, 1.0):  # exactly P or F, even where the other view is -inf
         return log_softmax(f if lam == 1.0 else p)
     shared = (p > _LOGPROB_FLOOR) & (f > _LOGPROB_FLOOR)
     mixed = mx.where(shared, (1.0 - lam) * p + lam * f, _LOGPROB_FLOOR)
-    return log_softmax(mx.where(shared.any(axis=-1, keepdims=True), mixed, p))
+    out = mx.where(shared.any(axis=-1, keepdims=True), mixed, p)
+    if not scalar:  # the same two exact ends, chosen in the graph (no Python test of an array)
+        out = mx.where(lam == 0.0, p, mx.where(lam == 1.0, f, out))
+    return log_softmax(out)
 
 
 def anchored_residual_target(partial_logits: mx.array, full_logits: mx.array,

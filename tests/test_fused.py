@@ -435,3 +435,16 @@ def test_trainable_head_memory_is_bounded_by_the_chunk():
     assert large < 1.6 * small  # 4x the rows
     assert large < 40 * chunk * one_row + 4 * v * h * 4  # chunks + the (V, H) accumulators
     assert large < 2048 * one_row  # less than ONE (T, V) fp32 tensor (naive: a dozen)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6, 1.0, 1.4])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_no_clip_runs_in_the_fused_loss_as_in_the_naive_one(lam, alpha):
+    """objective.clip null: λ reaches the compiled chunk as an array, so the ends λ = 0 and 1
+    (exactly P, exactly F) are chosen in the graph; a Python test of it failed every such run."""
+    head, hs, ht, hf, tok, mask = make(b=3, t=6, v=64, seed=2)
+    s = ObjectiveSettings(lam=lam, clip=None, alpha=alpha, skip_first_tokens=0)
+    naive, fused_out = both(head, hs, tok, mask, ht, hf, s)
+    assert_same(naive, fused_out)
+    forward = fused_loss(hs, head, tok, mask, ht, hf, settings=s)  # no gradient: compiled
+    np.testing.assert_allclose(np.array(forward.loss), np.array(naive[0].loss), rtol=1e-5)

@@ -17,6 +17,8 @@ same settings reuses it, so an interrupted compare continues where it stopped.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from aropd_mlx.errors import UserError
-from aropd_mlx.jsonio import read_json
+from aropd_mlx.jsonio import read_json, write_json
 from aropd_mlx.stats import mean_ci, paired_deltas
 from aropd_mlx.views import METHODS as TRAIN_METHODS
 
@@ -64,6 +66,13 @@ class CompareSettings:
         return self.sft_steps if method == "sft" and self.sft_steps else self.steps
 
     def validate(self) -> "CompareSettings":
+        if not self.methods:
+            raise UserError("compare: --methods names none (e.g. --methods base,full-opd,ar-opd)")
+        for flag, values in (("--methods", self.methods), ("--lams", self.lams),
+                             ("--partial-ratios", self.partial_ratios)):
+            twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if twice:
+                raise UserError(f"compare: {flag} names {', '.join(twice)} twice")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise UserError(f"compare: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
@@ -71,9 +80,9 @@ class CompareSettings:
             raise UserError("compare: --seeds and --steps must be >= 1")
         if self.first_seed < 0:
             raise UserError(f"compare: --first-seed must be >= 0, got {self.first_seed}")
-        if not self.lams or any(l < 0 for l in self.lams):
-            raise UserError("compare: --lams must be numbers >= 0")
-        if not self.partial_ratios or any(not 0 <= r <= 1 for r in self.partial_ratios):
+        if not self.lams or any(not (math.isfinite(l) and l >= 0) for l in self.lams):
+            raise UserError("compare: --lams must be finite numbers >= 0")
+        if not self.partial_ratios or any(not 0 <= r <= 1 for r in self.partial_ratios):  # nan too
             raise UserError("compare: --partial-ratios must lie in [0, 1]")
         if self.pool is not None and self.pool < 1:
             raise UserError("compare: --pool must be >= 1")
@@ -189,7 +198,10 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
                                   "lab": lab.settings.key()}))  # as it reads back from JSON
     saved = run_dir / "result.json"
     if settings.reuse and saved.is_file():
-        cached = read_json(saved)
+        try:
+            cached = read_json(saved)
+        except UserError:  # unreadable (cut short by a crash before writes were atomic): redo
+            cached = {}
         if cached.get("spec") == spec:  # where it is now (a compare folder may be moved)
             return {**cached, "run_dir": str(run_dir)}
     shutil.rmtree(run_dir, ignore_errors=True)  # not reused: made again from scratch
@@ -209,11 +221,11 @@ def run_one(lab, variant: Variant, seed: int, settings: CompareSettings, data: d
                   max_new_tokens=cfg.rollout.max_new_tokens, seed=seed).summary()
     t2 = time.perf_counter()
     summary.update(method=variant.method, eval_after=ev)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary)
     result = {"spec": spec, "name": variant.name, "seed": seed, "run_dir": str(run_dir),
               "metrics": run_metrics(ev), "eval": ev, "train_wall_s": t1 - t0,
               "eval_wall_s": t2 - t1, "train_seconds": summary.get("train_seconds", 0.0)}
-    saved.write_text(json.dumps(result, indent=2))
+    write_json(saved, result)  # last, and whole: its presence marks the run finished
     return result
 
 
@@ -374,8 +386,10 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
                                   for rs in results.values() for r in rs)}
     out_dir = Path(settings.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(out, indent=2))
-    (out_dir / "compare.md").write_text(compare_markdown(out))
+    write_json(out_dir / "compare.json", out)
+    md = out_dir / "compare.md"
+    md.with_name(md.name + ".tmp").write_text(compare_markdown(out))
+    os.replace(md.with_name(md.name + ".tmp"), md)
     return out
 
 

@@ -20,7 +20,11 @@ def handles_errors(fn):
             typer.echo(f"aropd-mlx: error: {e}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            typer.echo("aropd-mlx: interrupted (resume with --resume)", err=True)
+            how = {"train_command": " (resume with --resume)",
+                   "compare_command": " (run it again: finished runs are reused)",
+                   "lab_build": " (an unshipped lab's build goes on from its last "
+                                "checkpoint when run again; --rebuild starts over)"}
+            typer.echo(f"aropd-mlx: interrupted{how.get(fn.__name__, '')}", err=True)
             raise typer.Exit(130)
 
     return wrapper

@@ -33,6 +33,13 @@ def parse_list(values: Optional[List[str]], kind=float, name: str = "") -> Optio
         raise UserError(f"--{name}: expected a comma-separated list, got {','.join(values)!r}") from None
 
 
+# the run settings compare chooses per run (run_overrides), and the flag that sets each
+COMPARE_SETS = {"train.method": "--methods", "train.steps": "--steps or --sft-steps",
+                "train.seed": "--seeds and --first-seed", "train.save_every": "nothing (one "
+                "checkpoint at the end)", "out": "--out", "objective.lam": "--lams",
+                "views.partial_ratio": "--partial-ratios"}
+
+
 def parse_sets(values: Optional[List[str]]) -> dict:
     """'--set train.learning_rate=1e-4' -> {"train.learning_rate": 1e-4} (YAML scalars), each
     key checked against the run config at once."""
@@ -54,6 +61,9 @@ def parse_sets(values: Optional[List[str]]) -> dict:
                 value = float(value)
             except ValueError:
                 pass
+        if key.strip() in COMPARE_SETS:  # compare sets it per run: a --set would be dropped
+            raise UserError(f"--set {key.strip()}: compare sets it for each run; use "
+                            f"{COMPARE_SETS[key.strip()]}")
         out[key.strip()] = value
     load_config(overrides=out)  # an unknown key or a bad value stops here, in one line
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from aropd_mlx import __version__
 from aropd_mlx.errors import UserError
 from aropd_mlx.lab import task
+from aropd_mlx.lab.json_check import check_types as _check_types
 from aropd_mlx.lab.tiny import TinySpec
 
 
@@ -105,6 +106,12 @@ class LabSettings:
         return self.partial_outline or self.student_sheet
 
     def __post_init__(self):
+        if not 1 <= self.k_min <= self.k_max or min(self.eval_ks, default=1) < 1:
+            raise UserError(f"lab settings: need 1 <= k_min <= k_max and every eval_ks >= 1, got "
+                            f"k_min {self.k_min}, k_max {self.k_max}, eval_ks {list(self.eval_ks)}")
+        if len(self.warm_view_mix) != 3 or min(self.warm_view_mix) < 0 or not any(self.warm_view_mix):
+            raise UserError("lab settings: warm_view_mix is three shares >= 0 (student, partial, "
+                            f"full), not all 0, got {list(self.warm_view_mix)}")
         for name in ("full_copy_share", "full_copy_p", "anchor_distrust_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"lab settings: {name} must lie in [0, 1], got {getattr(self, name)}")
@@ -370,7 +377,11 @@ def with_base(values: dict) -> dict:
 def settings_from(values: dict) -> LabSettings:
     """LabSettings from their JSON form (AROPD_MLX_LAB, lab.json)."""
     values = dict(values)
+    _check_types(values, LabSettings(), "lab settings")
     if "spec" in values:
+        if not isinstance(values["spec"], dict):
+            raise UserError(f"lab settings: spec must be an object, got {values['spec']!r}")
+        _check_types(values["spec"], TinySpec(), "lab settings: spec")
         values["spec"] = TinySpec(**values["spec"])
     for key in ("eval_ks", "warm_view_mix", "warm_hint_styles"):
         if key in values:

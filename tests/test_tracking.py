@@ -70,33 +70,23 @@ def test_tensorboard_events_hold_every_metrics_line(tiny_llama, tmp_path):
         assert acc.Images("plots/training_curves")[0].step == 3
 
 
-def test_tensorboard_resume_keeps_each_step_once(tiny_llama, tmp_path):
-    """Steps 1-3, a checkpoint at 2, a resume replays 3 and 4: TensorBoard shows 1..4 once,
-    with metrics.jsonl's values (the purge event drops the first copy of step 3)."""
+@pytest.mark.parametrize("stop_after,save_every", [(3, 2), (2, 4)])
+def test_tensorboard_resume_keeps_each_step_once(stop_after, save_every, tiny_llama, tmp_path):
+    """Cut at step `stop_after` with checkpoints every `save_every` (2: the resume replays 3
+    and 4; 4: no checkpoint yet, it starts again at 1): TensorBoard shows 1..4 once, with
+    metrics.jsonl's values (the purge event drops the first copies). Resuming the finished run
+    logs its report plots at its last step, not at step 0."""
     pytest.importorskip("tensorboard")
     run, over = tmp_path / "run", {"train.report_to": ["tensorboard"], "train.steps": 4,
-                                   "train.save_every": 2}
-    _train(tiny_llama, run, stop_after=3, **over)
+                                   "train.save_every": save_every}
+    _train(tiny_llama, run, stop_after=stop_after, **over)
     time.sleep(1.1)  # event files are named by the second: the resumed one sorts after
     _train(tiny_llama, run, resume=True, **over)
     assert len(list((run / "tensorboard").iterdir())) == 2
     loss = [(e.step, e.value) for e in _events(run / "tensorboard").Scalars("loss")]
     assert [s for s, _ in loss] == [1, 2, 3, 4]
     assert [v for _, v in loss] == pytest.approx([l["loss"] for l in _lines(run)], rel=1e-6)
-
-
-def test_tensorboard_resume_before_any_checkpoint_and_of_a_finished_run(tiny_llama, tmp_path):
-    """Stopped at step 2 before its first checkpoint (4): the resume starts again at step 1 and
-    TensorBoard shows 1..4 once (the purge covers step 0's resume too). Resuming the finished
-    run logs its report plots at its last step, not at step 0."""
-    pytest.importorskip("tensorboard")
-    run, over = tmp_path / "run", {"train.report_to": ["tensorboard"], "train.steps": 4,
-                                   "train.save_every": 4}
-    _train(tiny_llama, run, stop_after=2, **over)
-    time.sleep(1.1)  # event files are named by the second: the resumed one sorts after
-    _train(tiny_llama, run, resume=True, **over)
-    assert [e.step for e in _events(run / "tensorboard").Scalars("loss")] == [1, 2, 3, 4]
-    if HAS_MPL:
+    if HAS_MPL and save_every == 4:
         time.sleep(1.1)
         _train(tiny_llama, run, resume=True, **over)  # finished: nothing to train
         steps = {e.step for e in _events(run / "tensorboard").Images("plots/training_curves")}

@@ -61,7 +61,9 @@ def lab_build(rebuild: bool = typer.Option(False, "--rebuild", help="Build again
     them: long, hindsight, long_sheet_copy, ...); AROPD_MLX_LAB='{"base": "long_distrust", "warm_lr": 0.0005}'
     builds a named lab's recipe with some settings changed (any LabSettings field).
 
-    An interrupted build goes on from its last checkpoint (every 50 steps) when run again."""
+    An interrupted build of a recipe that is not shipped goes on from its last checkpoint
+    (every 50 steps) when run again; --rebuild always starts over (and a shipped lab's model
+    is installed again by a plain `lab build` after an interrupted --rebuild)."""
     from aropd_mlx.lab.defaults import lab_settings_for
     from aropd_mlx.lab.setup import prepare_lab
 

@@ -61,6 +61,9 @@ def _probe_cache() -> str:
     return os.path.join(cache_home(), "aropd-mlx", "blas-probe.json")
 
 
+UNFINISHED = "its test multiplication did not finish"  # a busy machine: probed again next time
+
+
 def probe_blas(path: str, lib_dirs=()) -> tuple[bool, str]:
     """Run :data:`_PROBE_CODE` on `path` in a child process, `lib_dirs` first on its library
     path: (runs, why not)."""
@@ -70,8 +73,8 @@ def probe_blas(path: str, lib_dirs=()) -> tuple[bool, str]:
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, path], env=env,
                               capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"its test multiplication did not finish ({exc.__class__.__name__})"
+    except (OSError, subprocess.TimeoutExpired) as exc:  # not a verdict on the library
+        return False, f"{UNFINISHED} ({exc.__class__.__name__})"
     if proc.returncode == 0:
         return True, ""
     if proc.returncode < 0:
@@ -95,10 +98,12 @@ def runs_here(path: str, lib_dirs=()) -> tuple[bool, str]:
             known = json.load(fh)
     except (OSError, ValueError):
         known = {}
+    known = known if isinstance(known, dict) else {}  # valid JSON of another shape: no cache
     if isinstance(known.get(key), list) and len(known[key]) == 2:
         return bool(known[key][0]), str(known[key][1])
     ok, why = probe_blas(path, lib_dirs)
-    known = known if isinstance(known, dict) else {}
+    if why.startswith(UNFINISHED):  # a timeout or a failed start says nothing of the library
+        return ok, why
     known[key] = [ok, why]
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)

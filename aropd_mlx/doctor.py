@@ -99,7 +99,7 @@ def doctor_info(bench: bool = True) -> dict:
         "transformers": _version("transformers"),
     }
     mem = memory_total_bytes()
-    info["memory_total_gb"] = round(mem / 2**30, 1) if mem else None
+    info["memory_total_gb"] = round(mem / 1e9, 1) if mem else None  # GB as --memory-limit reads it
     try:
         import mlx.core as mx
 

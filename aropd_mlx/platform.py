@@ -179,14 +179,18 @@ def find_fast_blas() -> str | None:
     """Path of a fast BLAS present on this Linux machine that runs on its CPU, or None
     (always None on macOS).
 
-    ``$AROPD_MLX_BLAS`` when set (None if that file is missing or does not run here);
-    otherwise the first of :func:`_candidates` that passes :func:`runs_here`. Candidates
-    that fail are recorded in ``SKIPPED``.
+    ``$AROPD_MLX_BLAS`` when set (None if it does not run here; a missing file is recorded in
+    ``SKIPPED`` and the usual order follows); otherwise the first of :func:`_candidates` that
+    passes :func:`runs_here`. Candidates that fail are recorded in ``SKIPPED``.
     """
     if not _is_linux():
         return None
     chosen = os.environ.get(CHOICE_ENV, "").strip()
-    candidates = ([chosen] if os.path.isfile(chosen) else []) if chosen else _candidates()
+    if chosen and not os.path.isfile(chosen):
+        if (chosen, f"{CHOICE_ENV}: no such file") not in SKIPPED:
+            SKIPPED.append((chosen, f"{CHOICE_ENV}: no such file"))
+        chosen = ""  # the usual candidates, rather than none
+    candidates = [chosen] if chosen else _candidates()
     for path in candidates:
         ok, why = runs_here(path)
         if ok:
@@ -384,8 +388,9 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
     cmd = _reexec_argv(argv)
     if cmd is None:
         os.environ[MARKER_ENV] = "noreexec"
-        _say(f"cannot re-run this command to use {blas_name(path)}; start it with "
-             f"LD_PRELOAD={path}")
+        env = blas_env(path)  # the preload needs its libgfortran folder too
+        how = " ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", "LD_LIBRARY_PATH") if env.get(k))
+        _say(f"cannot re-run this command to use {blas_name(path)}; start it with {how}")
         return
     env = blas_env(path)
     env[MARKER_ENV] = "active:" + path

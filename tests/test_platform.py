@@ -242,8 +242,12 @@ def test_blas_order_and_override(monkeypatch, tmp_path):
     monkeypatch.setenv(plat.CHOICE_ENV, str(own))
     assert plat.find_fast_blas() == str(own)
     assert plat.blas_env(str(own), {})["LD_PRELOAD"] == str(own)
-    monkeypatch.setenv(plat.CHOICE_ENV, str(tmp_path / "missing.so"))
-    assert plat.find_fast_blas() is None
+    missing = str(tmp_path / "missing.so")  # named in the "not using" lines, then the usual order
+    monkeypatch.setattr(plat, "SKIPPED", [])
+    monkeypatch.setenv(plat.CHOICE_ENV, missing)
+    monkeypatch.setattr(plat, "_candidates", lambda: [str(own)])
+    assert plat.find_fast_blas() == str(own)
+    assert plat.SKIPPED == [(missing, f"{plat.CHOICE_ENV}: no such file")]
 
 
 @needs_linux
@@ -329,6 +333,24 @@ def test_probe_verdicts_are_cached_per_library_and_cpu(monkeypatch, tmp_path):
     assert len(calls) == 3
 
 
+def test_a_probe_cache_of_another_shape_and_an_unfinished_probe_are_not_verdicts(monkeypatch,
+                                                                                 tmp_path):
+    """A cache file holding a JSON list (not an object) is no cache, not a crash of every
+    command; a probe that timed out (a busy machine) is not cached as "does not run here"."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "aropd-mlx" / "blas-probe.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("[1, 2]")
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"x")
+    verdicts = [(False, probe.UNFINISHED + " (TimeoutExpired)"), (True, "")]
+    calls = []
+    monkeypatch.setattr(probe, "probe_blas", lambda p, dirs: calls.append(p) or verdicts[len(calls) - 1])
+    assert probe.runs_here(str(lib))[0] is False  # the timeout: reported, not kept
+    assert probe.runs_here(str(lib)) == (True, "") and len(calls) == 2  # probed again
+    assert probe.runs_here(str(lib)) == (True, "") and len(calls) == 2  # now cached
+
+
 def test_a_blas_that_does_not_run_here_is_passed_over_with_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(plat.sys, "platform", "linux")
     for name in (plat.MARKER_ENV, plat.OPT_OUT_ENV, plat.QUIET_ENV, plat.CHOICE_ENV):
@@ -348,3 +370,24 @@ def test_a_blas_that_does_not_run_here_is_passed_over_with_one_line(monkeypatch,
     assert err.count(f"not using {pip_blas}: SIGILL") == 1
     assert "no fast BLAS found" in err and "libopenblas0-pthread" in err
     assert "pip install cmeel-openblas" not in err
+
+
+@needs_linux
+@needs_fast
+def test_the_hint_of_a_process_that_cannot_re_run_itself_works_as_printed(tmp_path):
+    """A script read from stdin cannot be re-executed: the line it prints says how to start
+    it on the fast BLAS, and following it as printed (both variables: the pip OpenBLAS needs
+    its libgfortran folder) loads that BLAS instead of killing the process."""
+    import shlex
+
+    script = "from aropd_mlx.platform import ensure_fast_blas; ensure_fast_blas()\n"
+    res = subprocess.run([sys.executable, "-"], input=script, env=_env(), text=True,
+                         capture_output=True, timeout=120, cwd=tmp_path)
+    line = next(l for l in res.stderr.splitlines() if "cannot re-run" in l)
+    assigns = shlex.split(line.split("start it with ", 1)[1])
+    env = _env(**dict(a.split("=", 1) for a in assigns))
+    assert "LD_PRELOAD" in env
+    ok = subprocess.run([sys.executable, "-c", "from aropd_mlx.platform import loaded_blas; "
+                         "print(loaded_blas())"], env={**env, plat.OPT_OUT_ENV: "1"},
+                        text=True, capture_output=True, timeout=120, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr

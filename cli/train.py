@@ -73,9 +73,24 @@ def resolve_config(config: Optional[Path], flags: dict, resume: bool):
         return _resume_config(config, overrides)
     cfg = load_config(config, overrides=overrides, flag_names=FLAG_NAMES)
     if not _wants_lab(cfg):
-        return cfg, None
+        return _absolute_paths(cfg), None
     lab = prepare_lab(lab_settings_for(cfg), on_step=_build_progress())
-    return _with_lab(config, overrides, cfg, lab), lab
+    return _absolute_paths(_with_lab(config, overrides, cfg, lab)), lab
+
+
+def _absolute_paths(cfg):
+    """The local files and folders a run reads, absolute in its config.yaml: a --resume or an
+    `eval --adapter` from another directory reads the same files (a relative path was read
+    against the new directory: another file of the same name was trained on)."""
+    from aropd_mlx.config import with_overrides
+
+    parts: dict = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and "://" not in value and Path(value).expanduser().exists():
+            parts.setdefault(section, {})[name] = str(Path(value).expanduser().resolve())
+    return with_overrides(cfg, **parts) if parts else cfg
 
 
 def _wants_lab(cfg) -> bool:
@@ -91,6 +106,8 @@ def _with_lab(config, overrides: dict, cfg, lab):
 
 
 PATH_KEYS = ("model.path", "model.teacher", "model.adapter", "data.train", "data.eval")
+# left null (the memory plan chooses), saved as chosen: a resume giving null again matches
+PLANNED_KEYS = ("train.micro_batch_size", "train.scoring_micro_batch", "train.grad_checkpoint")
 
 
 def _resume_config(config: Optional[Path], overrides: dict):
@@ -148,7 +165,7 @@ def _value(cfg, key: str):
 def _same(key: str, old, new) -> bool:
     """Equal values; paths also when they name the same file from here ('d.jsonl', './d.jsonl',
     an absolute path)."""
-    if old == new:
+    if old == new or (key in PLANNED_KEYS and new is None):  # null: "the plan chooses"
         return True
     if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and \
             "://" not in old + new:

@@ -189,3 +189,27 @@ def test_cli_resume_right_after_an_interrupted_swap_goes_on_with_the_new_run(ws,
     train(*ws, "--steps", "3", "--out", run, "--resume")
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and dot_entries(tmp_path) == []
+
+
+def test_resume_from_another_directory_reads_the_runs_own_files(ws, tmp_path, monkeypatch):
+    """A run started with relative paths (--data good.jsonl) keeps them absolute in its
+    config.yaml: resumed from another directory holding another good.jsonl, it trains on its
+    own. A YAML leaving the memory plan's keys null resumes as given."""
+    import yaml
+
+    (wd1 := tmp_path / "wd1").mkdir()
+    (wd2 := tmp_path / "wd2").mkdir()
+    (wd1 / "good.jsonl").write_bytes((tmp_path / "good.jsonl").read_bytes())  # 8 prompts
+    (wd2 / "good.jsonl").write_text('{"question": "Q:1+1", "solution": "1+1=2", "answer": "2"}\n')
+    (wd1 / "auto.yaml").write_text("train:\n  micro_batch_size: null\n  grad_checkpoint: null\n")
+    flags = [a for a in ws if a != tmp_path / "good.jsonl"]
+    flags = flags[:flags.index("--data")] + flags[flags.index("--data") + 1:]
+    monkeypatch.chdir(wd1)
+    train(*flags, "--data", "good.jsonl", "-c", "auto.yaml", "--steps", "2", "--out", "run")
+    saved = yaml.safe_load((wd1 / "run" / "config.yaml").read_text())
+    assert saved["data"]["train"] == str(wd1 / "good.jsonl")
+    monkeypatch.chdir(wd2)
+    res = train("--out", "../wd1/run", "-c", "../wd1/auto.yaml", "--resume", "--steps", "3")
+    assert "8 prompts" in res.stderr
+    steps = [json.loads(l)["step"] for l in (wd1 / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

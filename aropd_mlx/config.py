@@ -242,9 +242,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
             text = path.read_text(encoding="utf-8")
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
+            mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            also = (f"; {e.context} at line {ctx.line + 1}" if ctx and getattr(e, "context", None)
+                    and (not mark or ctx.line != mark.line) else "")  # where it began: the bad line
+            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)}{also})") from None
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
         if not isinstance(loaded, dict):

@@ -192,6 +192,8 @@ YAML_CASES = {  # name: (yaml text, needles)
     "unknown_key": ("train:\n  steps: 2\n  stepz: 3\n", ["run.yaml:3", "unknown key 'train.stepz'"]),
     "wrong_type": ("rollout:\n  top_p: 1.0\ntrain:\n  save_every: ten\n", ["run.yaml:4", "train.save_every"]),
     "invalid_yaml": ("train:\n  steps: [1,\n", ["run.yaml:", "invalid YAML"]),
+    "key_without_colon": ("train:\n  steps: 2\n  lr 0.1\n  seed: 1\n",  # the bad line is 3
+                          ["run.yaml:4", "invalid YAML", "at line 3"]),
     "top_level_list": ("- 1\n- 2\n", ["run.yaml:1", "mapping"]),
     "section_is_scalar": ("train: 5\n", ["run.yaml:1", "train"]),
     "lam_nan": ("objective:\n  lam: .nan\n", ["run.yaml:2", "objective.lam"]),

@@ -365,8 +365,9 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
     """
     if not _is_linux() or _truthy(OPT_OUT_ENV):
         return
-    if os.environ.get(MARKER_ENV):
-        return  # already decided (and announced) in this process tree
+    if os.environ.get(MARKER_ENV, "noreexec") != "noreexec":
+        return  # already decided (and announced) in this process tree; a parent that could
+        # not re-run itself (a stdin script, a notebook) leaves its child free to
     quiet = _truthy(QUIET_ENV)
     active = _active_fast_blas()
     if active:

@@ -391,3 +391,14 @@ def test_the_hint_of_a_process_that_cannot_re_run_itself_works_as_printed(tmp_pa
                          "print(loaded_blas())"], env={**env, plat.OPT_OUT_ENV: "1"},
                         text=True, capture_output=True, timeout=120, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+@needs_linux
+@needs_fast
+def test_a_child_of_a_process_that_could_not_re_run_itself_still_gets_the_fast_blas(tmp_path):
+    """The marker a stdin script leaves ("noreexec") is inherited by what it starts: a child
+    command that can re-run itself still does so (it stayed on the reference BLAS, silently)."""
+    res = subprocess.run([sys.executable, "-c", PROBE], env=_env(**{plat.MARKER_ENV: "noreexec"}),
+                         text=True, capture_output=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "reference" not in res.stdout.lower() and res.stdout.strip(), res.stdout

@@ -84,7 +84,8 @@ def _clean_marked(answer: str) -> str:
     inner = boxed_contents(answer)
     if inner:
         return inner[-1]
-    a = answer.strip().rstrip(".").strip().strip("$").strip()
+    a = answer.strip().strip("*_").strip()  # markdown bold around it: "**Answer:** 7", "**7**"
+    a = a.rstrip(".").strip().strip("*_").strip().strip("$").strip()
     # "5 apples" / "12 because ..." -> the leading number, if the rest is words
     m = re.fullmatch(r"(-?[\d,./]+)\s+[A-Za-z][^=]*", a)
     return m.group(1) if m and _NUMBER.fullmatch(m.group(1)) else a
@@ -128,7 +129,7 @@ def answer_by_rule(text: str, rule: str) -> str | None:
 # ----------------------------------------------------------------------------- equivalence
 
 _LATEX_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle",
-               "^\\circ", "^{\\circ}", r"\%", "%", "$")
+               "^\\circ", "^{\\circ}", r"\%", "%", r"\$", "$")  # \$18.90: a dollar sign
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
 _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d])")
@@ -233,9 +234,9 @@ class EvalResult:
                 if r["shortcut"] is not None:
                     kinds[r["shortcut"]] = kinds.get(r["shortcut"], 0) + 1
             out["shortcut_counts"] = dict(sorted(kinds.items()))
-        by_id: dict[str, list[bool]] = {}
+        by_id: dict = {}  # per problem: its position (two examples may share an id)
         for r in recs:
-            by_id.setdefault(r["id"], []).append(bool(r["correct"]))
+            by_id.setdefault(r.get("problem", r["id"]), []).append(bool(r["correct"]))
         out["n_problems"] = len(by_id)
         out["avg_at_k"] = float(np.mean([np.mean(v) for v in by_id.values()]))
         out["pass_at_k"] = float(np.mean([any(v) for v in by_id.values()]))
@@ -309,7 +310,9 @@ def evaluate(model, tokenizer, examples: list, views: ViewSettings,
              temperature: float = 0.0, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
              batch_size: int = 64) -> EvalResult:
     """k samples per example (temperature 0: greedy, then k = 1 suffices). Each record holds
-    id, sample index, response tokens (EOS included), bucket, the text and the checker's keys."""
+    id, the problem's position, sample index, response tokens (EOS included), bucket, the text
+    and the checker's keys. Batches draw from seed x 1,000,003 + their start: no two seeds share
+    a stream."""
     settings = RolloutSettings(group_size=k, max_new_tokens=max_new_tokens,
                                temperature=temperature, completion_batch_size=batch_size)
     result = EvalResult(k=k)
@@ -317,13 +320,14 @@ def evaluate(model, tokenizer, examples: list, views: ViewSettings,
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, render_views(e, views)["student"], views) for e in chunk]
-        resp = sample(model, tokenizer, prompts, settings, seed=seed + start)
+        resp = sample(model, tokenizer, prompts, settings, seed=seed * 1_000_003 + start)
         tokens = np.array(resp.tokens)
         for row in range(tokens.shape[0]):
             ex = chunk[row // k]
             n = resp.lengths[row]
             ids = [int(t) for t in tokens[row, :n] if int(t) not in eos]
             text = tokenizer.decode(ids)
-            result.records.append({"id": ex.id, "sample": row % k, "tokens": n,
+            result.records.append({"id": ex.id, "problem": start + row // k, "sample": row % k,
+                                   "tokens": n,
                                    "bucket": bucket_name(n), "response": text, **checker(ex, text)})
     return result

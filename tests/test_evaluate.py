@@ -42,6 +42,8 @@ from aropd_mlx.evaluate import (
     ("ratio 3/4 of it", "3/4"),
     ("no numbers at all", None),
     ("", None),
+    ("**Answer:** 7", "7"), ("**Final Answer:** 42", "42"),  # markdown bold, as chat models write
+    ("The answer is **7**.", "7"),
 ])
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
@@ -58,6 +60,7 @@ def test_boxed_contents_depth():
     (r"\text{Paris}", "paris"), ("5.", "5"), (r"90^\circ", "90"), ("−3", "-3"),
     (r"\left( 1, 2 \right)", "(1,2)"), (r"\boxed{4}", "4"),
     (r"-\frac{1}{2}", "-0.5"), (r"-\frac12", "-1/2"), (r"\frac{-1}{2}", r"-\dfrac{1}{2}"),
+    (r"\$18.90", "18.90"),
 ])
 def test_equivalent_answers(a, b):
     assert answers_match(a, b) and answers_match(b, a)
@@ -111,6 +114,15 @@ def test_summary_avg_and_pass_at_k_by_hand():
     assert list(s["by_length"]) == ["<=256", "256-512"]
     assert s["by_length"]["256-512"] == {"n": 1, "accuracy": 0.0}
     json.dumps(s)  # JSON-serializable as is
+
+
+def test_two_problems_sharing_an_id_stay_two_problems():
+    """Ids may repeat (a row without one gets its index, which another row may have as its id):
+    the summary counts problems by their position, so pass@k never pools two problems' samples."""
+    recs = [dict(_rec("p", 0, True), problem=0), dict(_rec("p", 1, True), problem=0),
+            dict(_rec("p", 0, False), problem=1), dict(_rec("p", 1, False), problem=1)]
+    s = EvalResult(recs, k=2).summary()
+    assert s["n_problems"] == 2 and s["pass_at_k"] == 0.5 and set(s["pass_at"]) == {"1", "2"}
 
 
 def test_summary_with_lab_checker_fields_and_tables():

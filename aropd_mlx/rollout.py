@@ -99,7 +99,8 @@ def make_rollout_sampler(temperature: float, top_p: float = 1.0):
 
 def sample(model, tokenizer, prompts: list[list[int]], settings: RolloutSettings,
            seed: int) -> Responses:
-    """Sample `group_size` responses for every prompt. Deterministic given `seed`."""
+    """Sample `group_size` responses for every prompt. Deterministic given `seed` (and the
+    completion batch size, which cuts the rows into chunks: each draws from its own stream)."""
     mx.random.seed(seed)  # the sampler draws from MLX's global generator
     eos = sorted(tokenizer.eos_token_ids)
     pad_id = tokenizer.pad_token_id or 0
@@ -108,7 +109,9 @@ def sample(model, tokenizer, prompts: list[list[int]], settings: RolloutSettings
         return _sample_batch_generator(model, prompts, settings, sampler, eos, pad_id)
     g, stop_ids = settings.group_size, set(eos)
     rows, finished = [], []
-    for chunk in row_chunks(len(prompts) * g, g, settings.completion_batch_size):
+    for i, chunk in enumerate(row_chunks(len(prompts) * g, g, settings.completion_batch_size)):
+        if i:  # each chunk its own stream: an earlier chunk that ended early drew fewer numbers
+            mx.random.seed(seed * 1_000_003 + i)
         tokens = _decode(model, [prompts[r // g] for r in chunk], sampler, settings, eos, pad_id)
         for row in tokens.tolist():
             stop = next((t for t, tok in enumerate(row) if tok in stop_ids), None)

@@ -108,14 +108,15 @@ def test_rows_leaving_the_batch_do_not_change_the_samples(sharp, monkeypatch):
     on when that happens (1000: they never leave)."""
     model, tok = sharp
     tok.eos_token_ids = set(range(3, 10))
-    s = _settings(temperature=1.0, group_size=4, max_new_tokens=24)
-    results = []
-    for every in (1, 5, 1000):
-        monkeypatch.setattr(rollout, "CHECK_EVERY", every)
-        results.append(sample(model, tok, PROMPTS, s, seed=11))
-    assert all(_rows(r) == _rows(results[0]) for r in results)
-    lengths = results[0].lengths
-    assert min(lengths) < 10 and 24 in lengths and any(results[0].finished)
+    for chunk in (64, 4):  # one chunk of rows, and several (each its own random stream)
+        s = _settings(temperature=1.0, group_size=4, max_new_tokens=24, completion_batch_size=chunk)
+        results = []
+        for every in (1, 5, 1000):
+            monkeypatch.setattr(rollout, "CHECK_EVERY", every)
+            results.append(sample(model, tok, PROMPTS, s, seed=11))
+        assert all(_rows(r) == _rows(results[0]) for r in results), chunk
+        lengths = results[0].lengths
+        assert min(lengths) < 10 and 24 in lengths and any(results[0].finished)
 
 
 def test_models_without_plain_kv_caches_use_the_batch_generator(sharp, monkeypatch):

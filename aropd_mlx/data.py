@@ -45,6 +45,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
@@ -87,6 +88,8 @@ class Example:
 def _text(value, key: str, where: str) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise UserError(f"field {key!r} must be a string, got {type(value).__name__}", where=where)
+    if isinstance(value, float):  # positional, as a person writes it: 1e-05 -> 0.00001
+        return format(Decimal(repr(value)), "f")
     return str(value)
 
 

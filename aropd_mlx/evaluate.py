@@ -95,9 +95,10 @@ def extract_answer(text: str) -> str | None:
     """The final answer of a response, by the first rule that finds one (its last occurrence):
     \\boxed{} (nested braces) > '#### x' > 'Answer: x' / 'Final answer: x' / 'the answer is x'
     > a line 'A: x' (the lab) > the last number in the text. None when nothing is found."""
-    boxed = boxed_contents(text) or _BOXED_BARE.findall(text)
+    boxed = [b.strip() for b in boxed_contents(text) or _BOXED_BARE.findall(text)]
+    boxed = [b for b in boxed if b]  # an empty \boxed{} holds no answer (nor hides one before)
     if boxed:
-        return boxed[-1].strip()
+        return boxed[-1]
     for marker in (_HASHES, _ANSWER_WORD, _LAB_ANSWER):
         found = marker.findall(text)
         if found:
@@ -113,8 +114,9 @@ def answer_by_rule(text: str, rule: str) -> str | None:
     last \\boxed{}), `####` (GSM8K's '#### x'), `last_number`, or `auto` (extract_answer's
     cascade). None when the rule finds nothing."""
     if rule == "boxed":
-        found = boxed_contents(text) or _BOXED_BARE.findall(text)
-        return (found[-1].strip() or None) if found else None
+        found = [b.strip() for b in boxed_contents(text) or _BOXED_BARE.findall(text)]
+        found = [b for b in found if b]
+        return found[-1] if found else None
     if rule == "####":
         found = _HASHES.findall(text)
         return (_clean_marked(found[-1]) or None) if found else None

@@ -163,6 +163,19 @@ def test_a_nan_answer_is_missing_not_the_text_nan(tmp_path):
     assert [e.answer for e in load_examples(str(tmp_path / "d.parquet"))] == ["3.5", None]
 
 
+def test_a_float_answer_is_written_as_a_person_writes_it(tmp_path):
+    """A JSON number answer in Python's shortest form could be scientific (1e-05), which no
+    response ('0.00001') matches: it is read positionally; 3.0 stays 3.0 (it matches 3)."""
+    from aropd_mlx.evaluate import answers_match
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a", "answer": 1e-05}\n{"question": "b", "answer": 1e16}\n'
+                    '{"question": "c", "answer": 3.0}\n{"question": "d", "answer": 42}\n')
+    answers = [e.answer for e in load_examples(str(path))]
+    assert answers == ["0.00001", "10000000000000000", "3.0", "42"]
+    assert answers_match("0.00001", answers[0]) and answers_match("3", answers[2])
+
+
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
 def test_a_byte_order_mark_on_json_lines(tmp_path, name):
     path = tmp_path / name

@@ -44,6 +44,7 @@ from aropd_mlx.evaluate import (
     ("", None),
     ("**Answer:** 7", "7"), ("**Final Answer:** 42", "42"),  # markdown bold, as chat models write
     ("The answer is **7**.", "7"),
+    (r"\boxed{5} then \boxed{}", "5"), (r"\boxed{ }", None),  # an empty box holds nothing
 ])
 def test_extract_answer(text, want):
     assert extract_answer(text) == want

@@ -129,7 +129,9 @@ def _resume_config(config: Optional[Path], overrides: dict):
         raise UserError(f"--resume: {saved_path} not found (no run to continue there; "
                         "--out names the run)")
     saved = load_config(saved_path)
-    given = set(overrides) | _yaml_keys(config)
+    from aropd_mlx.config import yaml_keys
+
+    given = set(overrides) | yaml_keys(config)  # the dotted keys the YAML sets
     differ = []
     for key in sorted(given - {"out", "train.steps"}):
         old, new = _value(saved, key), _value(fresh, key)
@@ -142,16 +144,15 @@ def _resume_config(config: Optional[Path], overrides: dict):
                         "instead: --overwrite)")
     keep = {"out": fresh.out}
     if "train.steps" in given:
+        from aropd_mlx.checkpoint import checkpoint_step, list_checkpoints
+
+        done = max(map(checkpoint_step, list_checkpoints(run_dir)), default=0)
+        if fresh.train.steps < done:  # it would end at once, its config.yaml saying fewer steps
+            raise UserError(f"--resume --steps {fresh.train.steps}: this run has done {done} "
+                            "steps (its last checkpoint); give more, or --overwrite to start over")
         keep["train.steps"] = fresh.train.steps
     cfg = load_config(saved_path, overrides=keep)
     return cfg, find_lab(run_dir, cfg, on_step=_build_progress())
-
-
-def _yaml_keys(config: Optional[Path]) -> set[str]:
-    """The dotted keys a YAML config file sets (already validated by load_config)."""
-    from aropd_mlx.config import yaml_keys
-
-    return yaml_keys(config)
 
 
 def _value(cfg, key: str):

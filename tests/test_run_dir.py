@@ -92,6 +92,9 @@ def test_resume_refuses_only_values_that_differ_and_names_them(ws):
                      "rollout.temperature: saved 1.0, given 0.5", "--overwrite")
     assert "data.train" not in line and "model.path" not in line  # equal: not named
     assert snapshot(ws["out"]) == before
+    last_error(train(*with_steps(ws["base"], 1), "--resume"),  # 2 steps done: fewer is no resume
+               "--resume --steps 1: this run has done 2 steps")
+    assert snapshot(ws["out"]) == before
 
 
 # ------------------------------------------------------- 4: existing runs, lock, overwrite

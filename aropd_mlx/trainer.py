@@ -221,7 +221,7 @@ def run_step(cfg: RunConfig, model, tokenizer, optimizer, teacher: Teacher,
             scored.teacher_h = score_views(scorer, {v: rows[v] for v in views},
                                            np.array(resp.tokens), resp.lengths, pad_id,
                                            micro_batch=cfg.train.scoring_micro_batch or 0)
-            scored.teacher_head = head_from_model(scorer).first_rows(head_from_model(model).vocab)
+        scored.teacher_head = teacher.head(model)  # each view's own head, over the student's rows
     t2 = time.perf_counter()
     acc = accumulate(cfg, model, scored, settings, tracker=tracker, world=world,
                      diagnostics=diagnostics_due(cfg, step))

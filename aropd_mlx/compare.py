@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from aropd_mlx.errors import UserError
-from aropd_mlx.jsonio import read_json, write_json
+from aropd_mlx.jsonio import read_json, write_json, write_text
 from aropd_mlx.stats import mean_ci, paired_deltas
 from aropd_mlx.views import METHODS as TRAIN_METHODS
 
@@ -387,9 +386,7 @@ def compare(settings: CompareSettings, lab=None, on_event: Callable[[str], None]
     out_dir = Path(settings.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "compare.json", out)
-    md = out_dir / "compare.md"
-    md.with_name(md.name + ".tmp").write_text(compare_markdown(out))
-    os.replace(md.with_name(md.name + ".tmp"), md)
+    write_text(out_dir / "compare.md", compare_markdown(out))
     return out
 
 

@@ -7,8 +7,8 @@ unreadable file is a `UserError` naming the file and, for bad JSON, the line.
     config = read_json(path / "config.json")                  # missing: a UserError
     summary = read_json(run / "summary.json", missing=None)   # missing: None
 
-Results the CLI writes (`--json`, summary.json) go through `write_json` (a temp file, then a
-rename: never half a file), and a `--json` path is checked with `output_path` before the long
+Files written whole or not at all (config.yaml, summary.json, `--json` results, diagnostics)
+go through `write_text` / `write_json` (a temp file, then a rename), and a `--json` path is checked with `output_path` before the long
 work that fills it, so a path that cannot be written fails at once, not after an hour.
 """
 
@@ -55,14 +55,20 @@ def output_path(path: str | Path, flag: str = "--json") -> Path:
     return path
 
 
-def write_json(path: str | Path, data, *, indent: int = 2, default=None) -> Path:
-    """Write `data` as JSON atomically; an OSError is a UserError naming the file."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` whole or not at all (a temp file beside it, then a rename); an OSError is a
+    UserError naming the file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=indent, default=default), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write ({e.strerror or e})", where=str(path)) from None
     return path
+
+
+def write_json(path: str | Path, data, *, indent: int | None = 2, default=None) -> Path:
+    """Write `data` as JSON whole or not at all (`write_text`)."""
+    return write_text(path, json.dumps(data, indent=indent, default=default))

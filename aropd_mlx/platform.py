@@ -366,8 +366,8 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
     if not _is_linux() or _truthy(OPT_OUT_ENV):
         return
     if os.environ.get(MARKER_ENV, "noreexec") != "noreexec":
-        return  # already decided (and announced) in this process tree; a parent that could
-        # not re-run itself (a stdin script, a notebook) leaves its child free to
+        return  # already decided (and announced) in this process tree; under a parent that
+        # could not re-run itself (a stdin script, a notebook) this command still may
     quiet = _truthy(QUIET_ENV)
     active = _active_fast_blas()
     if active:
@@ -386,14 +386,12 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
         return
     if "_pytest" in sys.modules:
         return
-    cmd = _reexec_argv(argv)
+    cmd, env = _reexec_argv(argv), blas_env(path)  # the preload needs its libgfortran folder
     if cmd is None:
         os.environ[MARKER_ENV] = "noreexec"
-        env = blas_env(path)  # the preload needs its libgfortran folder too
         how = " ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", "LD_LIBRARY_PATH") if env.get(k))
         _say(f"cannot re-run this command to use {blas_name(path)}; start it with {how}")
         return
-    env = blas_env(path)
     env[MARKER_ENV] = "active:" + path
     if not quiet:
         _say(_info_line(path))

@@ -16,12 +16,15 @@ ratio is measured inside one run, side by side; absolute seconds depend on the m
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from aropd_mlx import jsonio
 
 BENCHMARKS = ("rollout", "scoring", "step", "objective", "peer", "memory", "creep", "plan-cost")
 
@@ -158,8 +161,6 @@ RUNNERS = {
 
 def _runner(bench: str) -> tuple[Callable, Callable]:
     if bench in RUNNERS:
-        import importlib
-
         module, run, fmt = RUNNERS[bench]
         found = importlib.import_module(f"aropd_mlx.bench.{module}")
         return getattr(found, run), getattr(found, fmt)
@@ -248,10 +249,7 @@ def run_suite(which: list[str], *, quick: bool = False, models: list[str] | None
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    from aropd_mlx.jsonio import output_path
-    from aropd_mlx.jsonio import write_json as write
-
-    write(output_path(path), result, default=_jsonable)
+    jsonio.write_json(jsonio.output_path(path), result, default=_jsonable)
 
 
 def _jsonable(x):
